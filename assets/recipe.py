@@ -1,0 +1,313 @@
+"""Recipe schema: one YAML file declares one experiment.
+
+Every section is a frozen pydantic model that forbids unknown keys, so a typo fails at load
+with the field path instead of being silently ignored. Sections that define an asset's
+output are hashed (see `identity.py`); paths and execution knobs are not part of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .settings import expand_vars, resolve_data_path
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- curation: one spec per datatrove filter; `null` in YAML turns a filter off ----------
+
+
+class GopherRepetitionSpec(Strict):
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
+    top_n_grams: dict[int, float] = {2: 0.2, 3: 0.18, 4: 0.16}
+    dup_n_grams: dict[int, float] = {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}
+
+
+class GopherQualitySpec(Strict):
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: int | None = 3
+    max_avg_word_length: int | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    max_non_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+
+
+class C4QualitySpec(Strict):
+    split_paragraph: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebQualitySpec(Strict):
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class CurationSpec(Strict):
+    """Filters run in FineWeb's order; each is optional (set it to null to skip it)."""
+
+    gopher_repetition: GopherRepetitionSpec | None = GopherRepetitionSpec()
+    gopher_quality: GopherQualitySpec | None = GopherQualitySpec()
+    c4_quality: C4QualitySpec | None = C4QualitySpec()
+    fineweb_quality: FineWebQualitySpec | None = FineWebQualitySpec()
+
+
+class SourceSpec(Strict):
+    kind: Literal["jsonl", "parquet"] = Field(description="jsonl also reads .jsonl.gz / .json.gz")
+    path: str = Field(description="file, directory or glob; relative paths are under the data root")
+    text_key: str = "text"
+    id_key: str = "id"
+    limit: int | None = Field(None, gt=0, description="read at most this many documents")
+    shards: int = Field(2, ge=1, le=1024, description="output shards; workers never exceed it")
+    curation: CurationSpec = CurationSpec()
+
+
+class TokenizerSpec(Strict):
+    path: str | None = Field(None, description="use this tokenizer.json instead of training one")
+    vocab_size: int = Field(8192, ge=300, le=1_000_000)
+    sample_docs_per_source: int = Field(2000, gt=0)
+    min_frequency: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class MixtureSpec(Strict):
+    weights: dict[str, float]
+    total_tokens: int = Field(gt=0, description="token budget of the training mixture")
+    max_epochs: float | dict[str, float] = Field(
+        4.0, description="repetition cap per source (one number for all, or per source)"
+    )
+    seed: int = 0
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights:
+            raise ValueError("at least one source weight is required")
+        for name, w in weights.items():
+            if w < 0:
+                raise ValueError(f"weight of '{name}' must be >= 0 (got {w})")
+        if sum(weights.values()) <= 0:
+            raise ValueError("weights are all zero: at least one source needs a positive weight")
+        return weights
+
+    def epoch_cap(self, source: str) -> float:
+        if isinstance(self.max_epochs, dict):
+            return self.max_epochs.get(source, 1.0)
+        return self.max_epochs
+
+
+class ModelSpec(Strict):
+    d_model: int = Field(128, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int = Field(2, gt=0)
+    ffn_hidden: int = Field(384, gt=0)
+    seq_len: int = Field(256, gt=0)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ModelSpec":
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("head dimension d_model / n_heads must be even for RoPE")
+        return self
+
+
+class OptimizerSpec(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+
+
+class TrainingSpec(Strict):
+    steps: int = Field(200, gt=0)
+    batch_size: int = Field(8, gt=0)
+    warmup_steps: int = Field(20, ge=0)
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    grad_clip: float = Field(1.0, gt=0)
+    seed: int = 0
+    log_every: int = Field(10, gt=0)
+
+
+class EvalSpec(Strict):
+    tasks: list[Literal["hellaswag", "arc_easy"]] = ["hellaswag", "arc_easy"]
+    max_items: int = Field(100, gt=0)
+    heldout: Literal["wikitext2"] | None = "wikitext2"
+    heldout_max_tokens: int = Field(50_000, gt=0)
+    seed: int = 0
+
+
+class AutomationSpec(Strict):
+    """Who triggers training and evaluation; never part of any hash."""
+
+    training: Literal["eager", "manual"] = "manual"
+    evaluation: Literal["eager", "manual"] = "eager"
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    sources: dict[str, SourceSpec]
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    mixture: MixtureSpec
+    model: ModelSpec = ModelSpec()
+    optimizer: OptimizerSpec = OptimizerSpec()
+    training: TrainingSpec = TrainingSpec()
+    evals: EvalSpec = EvalSpec()
+    automation: AutomationSpec = AutomationSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_valid(cls, name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError("must be lowercase letters, digits and '_', starting with a letter")
+        return name
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_valid(cls, sources: dict[str, SourceSpec]) -> dict[str, SourceSpec]:
+        if not sources:
+            raise ValueError("at least one source is required")
+        for name in sources:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(
+                    f"source name '{name}' must be lowercase letters, digits and '_'"
+                )
+        return sources
+
+    @model_validator(mode="after")
+    def _mixture_names_known(self) -> "Recipe":
+        unknown = sorted(set(self.mixture.weights) - set(self.sources))
+        if unknown:
+            raise ValueError(
+                f"mixture.weights names unknown source(s) {unknown}; "
+                f"sources are {sorted(self.sources)}"
+            )
+        if isinstance(self.mixture.max_epochs, dict):
+            unknown = sorted(set(self.mixture.max_epochs) - set(self.sources))
+            if unknown:
+                raise ValueError(f"mixture.max_epochs names unknown source(s) {unknown}")
+        return self
+
+    def mixed_sources(self) -> list[str]:
+        """Sources with a positive weight, in recipe order."""
+        return [s for s in self.sources if self.mixture.weights.get(s, 0) > 0]
+
+
+def _format_validation_error(origin: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return f"{origin}: invalid recipe\n" + "\n".join(lines)
+
+
+def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
+    """Validate a recipe from already-parsed YAML data (no file system checks)."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe must be a YAML mapping")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(origin, err)) from None
+
+
+def load_recipe(path: str | os.PathLike, data_root: Path | None = None) -> Recipe:
+    """Load, validate and check a recipe file; fails before any work is done."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    recipe = parse_recipe(data, origin=str(path))
+    check_paths(recipe, origin=str(path), data_root=data_root)
+    return recipe
+
+
+def check_paths(recipe: Recipe, origin: str, data_root: Path | None = None) -> None:
+    """Every source path (and a given tokenizer) must exist now, not halfway through a run."""
+    problems = []
+    for name, src in recipe.sources.items():
+        try:
+            files = source_files(src, data_root)
+        except RecipeError as err:
+            problems.append(f"  sources.{name}.path: {err}")
+            continue
+        if not files:
+            problems.append(
+                f"  sources.{name}.path: no {src.kind} files match {resolve_data_path(src.path, data_root)}"
+            )
+    if recipe.tokenizer.path is not None:
+        tok = resolve_data_path(recipe.tokenizer.path, data_root)
+        if not tok.is_file():
+            problems.append(f"  tokenizer.path: file not found: {tok}")
+    if problems:
+        raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(problems))
+
+
+SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst"), "parquet": (".parquet",)}
+
+
+def source_files(src: SourceSpec, data_root: Path | None = None) -> list[Path]:
+    """The files a source reads, sorted, so shard assignment is stable."""
+    raw = expand_vars(src.path)
+    if any(ch in raw for ch in "*?["):
+        base = resolve_data_path(".", data_root) if not os.path.isabs(raw) else Path("/")
+        pattern = raw if not os.path.isabs(raw) else raw.lstrip("/")
+        files = sorted(p for p in base.glob(pattern) if p.is_file())
+    else:
+        target = resolve_data_path(src.path, data_root)
+        if target.is_dir():
+            files = sorted(p for p in target.rglob("*") if p.is_file())
+        elif target.is_file():
+            return [target]
+        else:
+            raise RecipeError(f"path does not exist: {target}")
+    return [p for p in files if p.name.endswith(SUFFIXES[src.kind])]

@@ -1,0 +1,181 @@
+"""Curation: a datatrove pipeline that keeps every decision as data.
+
+Pipeline (one datatrove task per output shard):
+    SourceReader -> Judged(GopherRepetition) -> Judged(GopherQuality) -> Judged(C4Quality)
+    -> Judged(FineWebQuality) -> DecisionSink -> JsonlWriter(kept documents)
+
+datatrove's own filters decide; `Judged` only records *which* step dropped a document and
+why, instead of discarding it, so `DecisionSink` can write one row per input document.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.data import Document
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.filters import (
+    C4QualityFilter,
+    FineWebQualityFilter,
+    GopherQualityFilter,
+    GopherRepetitionFilter,
+)
+from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.batching import batched
+
+from .readers import CHARS_KEY, DROP_KEY, SHARD_KEY, SourceReader
+
+# Filter name in the recipe -> datatrove class. The order is FineWeb's.
+FILTERS: dict[str, type[BaseFilter]] = {
+    "gopher_repetition": GopherRepetitionFilter,
+    "gopher_quality": GopherQualityFilter,
+    "c4_quality": C4QualityFilter,
+    "fineweb_quality": FineWebQualityFilter,
+}
+
+DECISION_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("shard", pa.int32()),
+        ("kept", pa.bool_()),
+        ("reason", pa.string()),
+        ("step", pa.string()),
+        ("chars", pa.int64()),
+        ("words", pa.int64()),
+    ]
+)
+
+
+def build_filter(name: str, params: dict[str, Any]) -> BaseFilter:
+    kwargs = dict(params)
+    # YAML mappings {n: fraction} -> datatrove's ((n, fraction), ...) tuples
+    for key in ("top_n_grams", "dup_n_grams"):
+        if key in kwargs:
+            kwargs[key] = tuple(sorted((int(n), float(v)) for n, v in kwargs[key].items()))
+    return FILTERS[name](**kwargs)
+
+
+class Judged(PipelineStep):
+    """Runs a datatrove filter but passes dropped documents on, marked with step:reason."""
+
+    type = "🔻 - FILTER"
+
+    def __init__(self, step: str, inner: BaseFilter):
+        self.name = f"⚖ {step}"  # set before super().__init__, which names the stats
+        super().__init__()
+        self.step = step
+        self.inner = inner
+
+    def run(self, data: Iterator[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        for batch in batched(data, self.inner.batch_size):
+            live = [d for d in batch if DROP_KEY not in d.metadata]
+            with self.track_time():
+                results = self.inner.filter_batch(live) if live else []
+            for doc, result in zip(live, results):
+                keep, reason = get_filter_result(result)
+                self.stat_update("total")
+                if keep:
+                    self.stat_update("forwarded")
+                else:
+                    self.stat_update("dropped", f"dropped_{reason}")
+                    doc.metadata[DROP_KEY] = f"{self.step}:{reason or 'dropped'}"
+                    doc.metadata["foundry_step"] = self.step
+            yield from batch
+
+
+class DecisionSink(PipelineStep):
+    """Writes one decision row per document to decisions/<rank>.parquet; yields kept ones."""
+
+    name = "🧾 decisions"
+    type = "💽 - WRITER"
+
+    def __init__(self, out_dir: str):
+        super().__init__()
+        self.out_dir = out_dir
+
+    def run(self, data: Iterator[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        rows: dict[str, list] = {f.name: [] for f in DECISION_SCHEMA}
+        for doc in data:
+            drop = doc.metadata.pop(DROP_KEY, None)
+            step = doc.metadata.pop("foundry_step", None)
+            chars = doc.metadata.pop(CHARS_KEY, len(doc.text))
+            shard = doc.metadata.pop(SHARD_KEY, rank)
+            rows["doc_id"].append(doc.id)
+            rows["shard"].append(shard)
+            rows["kept"].append(drop is None)
+            rows["reason"].append(drop)
+            rows["step"].append(step or ("reader" if drop else None))
+            rows["chars"].append(chars)
+            rows["words"].append(len(doc.text.split()))
+            if drop is None:
+                self.stat_update("kept")
+                yield doc
+            else:
+                self.stat_update("dropped")
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows, schema=DECISION_SCHEMA), out / f"{rank:05d}.parquet")
+
+
+def _strip_internal(doc: Document) -> dict:
+    meta = {k: v for k, v in doc.metadata.items() if not k.startswith("foundry_")}
+    return {"id": doc.id, "text": doc.text, "metadata": meta}
+
+
+def run_curation(
+    files: list[Path],
+    kind: str,
+    text_key: str,
+    id_key: str,
+    limit: int | None,
+    shards: int,
+    curation: dict[str, Any],
+    out_dir: Path,
+    workers: int,
+) -> dict[str, Any]:
+    """Curate one source into out_dir/{docs,decisions}; returns counts."""
+    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
+    for name in FILTERS:
+        params = curation.get(name)
+        if params is not None:
+            steps.append(Judged(name, build_filter(name, params)))
+    steps.append(DecisionSink(str(out_dir / "decisions")))
+    # Uncompressed output: gzip headers carry timestamps, which would make identical
+    # content hash differently and wake up everything downstream.
+    steps.append(
+        JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl", compression=None, adapter=_adapter)
+    )
+    logs = out_dir.parent / f"{out_dir.name}.logs"
+    executor = LocalPipelineExecutor(
+        pipeline=steps,
+        tasks=shards,
+        workers=min(workers, shards),
+        logging_dir=str(logs),
+        skip_completed=False,
+    )
+    executor.run()
+    shutil.rmtree(logs, ignore_errors=True)
+    return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
+
+
+def _adapter(self, doc: Document) -> dict:  # datatrove calls adapter(writer, doc)
+    return _strip_internal(doc)
+
+
+def merge_decisions(parts_dir: Path, target: Path) -> dict[str, Any]:
+    parts = sorted(parts_dir.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else DECISION_SCHEMA.empty_table()
+    pq.write_table(table, target)
+    shutil.rmtree(parts_dir)
+    kept = pa.compute.sum(table["kept"].cast(pa.int64())).as_py() or 0
+    reasons: dict[str, int] = {}
+    for r in table["reason"].to_pylist():
+        if r is not None:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"documents": table.num_rows, "kept": kept, "dropped": table.num_rows - kept, "reasons": reasons}

@@ -1,0 +1,190 @@
+"""A lighteval model backed by a Foundry ``training.model.Transformer`` and a ``tokenizers`` BPE.
+
+Only log-likelihood scoring is implemented (what cloze multiple-choice tasks need).
+
+Scoring of one (context, continuation) request:
+  * the context is the prompt lighteval would build for a plain-text model (few-shot
+    examples, instruction, query), via lighteval's ``PromptManager``;
+  * trailing whitespace of the context is moved to the front of the continuation (the
+    usual convention: " Paris" is one BPE word, "Paris" after "is " is not);
+  * context and continuation are encoded separately, so the scored tokens are exactly the
+    continuation's; the context is prefixed with the EOS token, which is the document
+    separator the model was trained with (it plays the role of BOS);
+  * if the sequence is longer than ``max_seq_len + 1`` it is cut from the left (context
+    first; a continuation longer than the window keeps its last tokens);
+  * log P(continuation | context) is the sum of the continuation tokens' log-probs.
+Requests are sorted by length and run in right-padded batches (padding on the right of a
+causal model cannot change the positions that are scored).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from lighteval.models.abstract_model import LightevalModel
+from lighteval.models.abstract_model import ModelConfig as LightevalModelConfig
+from lighteval.models.model_output import ModelResponse
+from lighteval.tasks.prompt_manager import PromptManager
+from lighteval.tasks.requests import Doc, SamplingMethod
+from lighteval.utils.cache_management import SampleCache, cached
+
+logger = logging.getLogger(__name__)
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class FoundryModelConfig(LightevalModelConfig):
+    """lighteval model config. ``model_name`` + all fields key lighteval's prediction cache:
+    give each checkpoint a distinct ``model_name`` (or a fresh ``cache_dir``)."""
+
+    model_name: str
+    cache_dir: str  # no default: lighteval's is ~/.cache/huggingface/lighteval, shared by every run
+    checkpoint_id: str = ""
+    batch_size: int = 32
+    max_length: int = 0
+    prepend_eos: bool = True
+
+
+@dataclass
+class _Request:
+    doc_index: int
+    choice_index: int
+    context: list[int]
+    continuation: list[int]
+
+
+class FoundryLightevalModel(LightevalModel):
+    def __init__(self, model: torch.nn.Module, tokenizer, config: FoundryModelConfig):
+        """model: a Transformer (forward(idx) -> (logits [B,T,V], loss)); tokenizer: tokenizers.Tokenizer."""
+        max_seq_len = int(model.config.max_seq_len)
+        if config.max_length <= 0:
+            config = config.model_copy(update={"max_length": max_seq_len})
+        elif config.max_length > max_seq_len:
+            raise ValueError(f"max_length {config.max_length} exceeds the model's max_seq_len {max_seq_len}")
+        self.config = config
+        self.model = model.eval()
+        self._tokenizer = tokenizer
+        self._eos_id = tokenizer.token_to_id(EOS_TOKEN)
+        if config.prepend_eos and self._eos_id is None:
+            raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token; pass prepend_eos=False")
+        self.prompt_manager = PromptManager(use_chat_template=False, tokenizer=None, system_prompt=None)
+        self._cache = SampleCache(config)  # required by Pipeline (it calls _cache._init_registry)
+
+    # --- LightevalModel's abstract properties -------------------------------------------------
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return False
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_length
+
+    @property
+    def disable_tqdm(self) -> bool:
+        return True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # --- tokenisation ---------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids if text else []
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces:
+            continuation = context[-n_spaces:] + continuation
+            context = context[:-n_spaces]
+        ctx = self.encode(context)
+        if self.config.prepend_eos:
+            ctx = [self._eos_id] + ctx
+        return ctx, self.encode(continuation)
+
+    # --- scoring ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score_requests(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
+        """(context ids, continuation ids) -> (sum log-prob of continuation, greedy?, tokens truncated)."""
+        window = self.max_length + 1  # tokens in a window: max_length inputs predict max_length targets
+        prepared = []
+        for ctx, cont in pairs:
+            if not cont:
+                raise ValueError("empty continuation: nothing to score")
+            seq = ctx + cont
+            if len(seq) < 2:  # one lone token has no context to be predicted from
+                raise ValueError("a lone continuation token needs a context (use prepend_eos=True)")
+            truncated = max(0, len(seq) - window)
+            seq = seq[truncated:]
+            n_cont = min(len(cont), len(seq) - 1)
+            prepared.append((seq, n_cont, truncated))
+
+        results: list[tuple[float, bool, int] | None] = [None] * len(prepared)
+        order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
+        device = self.device
+        bs = max(1, self.config.batch_size)
+        for start in range(0, len(order), bs):
+            idxs = order[start : start + bs]
+            width = len(prepared[idxs[0]][0]) - 1  # longest first
+            inputs = torch.zeros((len(idxs), width), dtype=torch.long)
+            for row, i in enumerate(idxs):
+                seq = prepared[i][0]
+                inputs[row, : len(seq) - 1] = torch.tensor(seq[:-1], dtype=torch.long)
+            logits, _ = self.model(inputs.to(device))
+            if logits.shape[:2] != inputs.shape:
+                raise RuntimeError(f"model returned logits of shape {tuple(logits.shape)} for input {tuple(inputs.shape)}")
+            logprobs = F.log_softmax(logits.float(), dim=-1)
+            for row, i in enumerate(idxs):
+                seq, n_cont, truncated = prepared[i]
+                n_in = len(seq) - 1
+                targets = torch.tensor(seq[-n_cont:], dtype=torch.long, device=device)
+                lp = logprobs[row, n_in - n_cont : n_in]  # positions predicting the continuation
+                token_lp = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                greedy = bool((lp.argmax(dim=-1) == targets).all())
+                results[i] = (float(token_lp.sum()), greedy, truncated)
+        return results  # type: ignore[return-value]
+
+    def context_for(self, doc: Doc) -> str:
+        return self.prompt_manager.prepare_prompt(doc)
+
+    @cached(SamplingMethod.LOGPROBS)
+    def loglikelihood(self, docs: list[Doc]) -> list[ModelResponse]:
+        requests: list[_Request] = []
+        for d, doc in enumerate(docs):
+            context = self.context_for(doc)
+            for c, choice in enumerate(doc.choices):
+                ctx, cont = self.encode_pair(context, choice)
+                requests.append(_Request(d, c, ctx, cont))
+        scores = self.score_requests([(r.context, r.continuation) for r in requests])
+
+        per_doc: list[list[tuple[_Request, tuple[float, bool, int]]]] = [[] for _ in docs]
+        for req, score in zip(requests, scores):
+            per_doc[req.doc_index].append((req, score))
+        responses = []
+        for items in per_doc:
+            responses.append(
+                ModelResponse(
+                    input_tokens=items[0][0].context if items else [],
+                    logprobs=[s[0] for _, s in items],
+                    argmax_logits_eq_gold=[s[1] for _, s in items],
+                    output_tokens=[r.continuation for r, _ in items],
+                    truncated_tokens_count=max((s[2] for _, s in items), default=0),
+                )
+            )
+        return responses
+
+    def greedy_until(self, docs: list[Doc]) -> list[ModelResponse]:
+        raise NotImplementedError(
+            "FoundryLightevalModel scores log-likelihoods only; generative tasks are not supported"
+        )
+
+    def loglikelihood_rolling(self, docs: list[Doc]) -> list[ModelResponse]:
+        raise NotImplementedError(
+            "FoundryLightevalModel does not implement rolling log-likelihood; use evaluation.heldout.heldout_loss"
+        )

@@ -1,0 +1,243 @@
+"""One entry point: evaluate a checkpoint on cloze multiple-choice tasks (through lighteval)
+and on held-out text.
+
+Offline: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set (if unset) before lighteval or
+datasets are imported here; the caller should set them (and HF_HOME) process-wide too,
+because ``datasets`` reads them once, at its first import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from pathlib import Path
+
+from evaluation.tasks import check_tasks, known_tasks
+
+logger = logging.getLogger(__name__)
+
+# Held-out text sets, paths relative to data_root (the folder holding eval/ and text/).
+# The validation split is used; test is kept untouched.
+HELDOUT_SETS: dict[str, str] = {
+    "wikitext2": "text/wikitext2/valid.txt",
+}
+
+
+def set_offline_env() -> None:
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def _checkpoint_id(ckpt_dir: Path) -> str:
+    """Identity of a checkpoint's files (path, sizes, mtimes): keys lighteval's prediction cache."""
+    h = hashlib.sha256(str(ckpt_dir.resolve()).encode())
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _details_rows(task: str, details: list) -> list[dict]:
+    rows = []
+    for det in details:
+        doc, resp = det.doc, det.model_response
+        lps = list(resp.logprobs)
+        norm = [lp / len(c) for lp, c in zip(lps, doc.choices)]
+        pred = max(range(len(lps)), key=lps.__getitem__)
+        pred_norm = max(range(len(norm)), key=norm.__getitem__)
+        gold = doc.gold_index if isinstance(doc.gold_index, int) else doc.gold_index[0]
+        rows.append(
+            {
+                "task": task,
+                "item": int((doc.specific or {}).get("source_index", int(doc.id))),
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "gold": gold,
+                "correct": bool(det.metric.get("acc", pred == gold)),
+                "correct_norm": bool(det.metric.get("acc_norm", pred_norm == gold)),
+                "logprobs": lps,
+            }
+        )
+    rows.sort(key=lambda r: r["item"])
+    return rows
+
+
+def run_lighteval(
+    model,
+    tokenizer,
+    tasks: list[str],
+    max_items: int | None,
+    data_root: Path,
+    work_dir: Path,
+    model_name: str,
+    checkpoint_id: str = "",
+    seed: int = 0,
+    batch_size: int = 32,
+    lighteval_model=None,
+) -> tuple[list[dict], list[dict]]:
+    """Run the cloze tasks through lighteval's Pipeline. Returns (metric rows, per-item rows).
+
+    ``lighteval_model`` overrides the wrapper built from model/tokenizer (tests use it).
+    """
+    set_offline_env()
+    check_tasks(tasks)
+    import numpy as np
+    from lighteval.logging.evaluation_tracker import EvaluationTracker
+    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+
+    from evaluation.lighteval_model import FoundryLightevalModel, FoundryModelConfig
+    from evaluation.offline_registry import custom_tasks_only, make_tasks_module
+    from evaluation.tasks import build_task_configs
+
+    work_dir = Path(work_dir)
+    configs = build_task_configs(tasks, data_root, work_dir / "datasets", max_items, seed)
+    if lighteval_model is None:
+        lighteval_model = FoundryLightevalModel(
+            model,
+            tokenizer,
+            FoundryModelConfig(
+                model_name=model_name,
+                checkpoint_id=checkpoint_id,
+                cache_dir=str(work_dir / "lighteval_cache"),
+                batch_size=batch_size,
+            ),
+        )
+
+    # lighteval reseeds the global random / numpy RNGs; do not leak that into the caller.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        tracker = EvaluationTracker(output_dir=str(work_dir / "lighteval_output"), save_details=True)
+        params = PipelineParameters(
+            launcher_type=ParallelismManager.NONE,
+            custom_tasks_directory=make_tasks_module(configs),  # Registry accepts a module object
+            max_samples=None,  # the prepared folders already hold exactly the selected items
+            dataset_loading_processes=1,
+        )
+        with custom_tasks_only():
+            pipeline = Pipeline(
+                tasks=",".join(f"{t}|0" for t in tasks),
+                pipeline_parameters=params,
+                evaluation_tracker=tracker,
+                model=lighteval_model,
+            )
+        pipeline.evaluate()
+        pipeline.save_and_push_results()
+        results = pipeline.get_results()["results"]
+        details = pipeline.get_details()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+    rows, item_rows = [], []
+    for task in tasks:
+        key = f"{task}|0"
+        task_details = details.get(key, [])
+        n = len(task_details)
+        res = results[f"{task}:0"]
+        for metric in ("acc", "acc_norm"):
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "value": float(res[metric]),
+                    "stderr": float(res.get(f"{metric}_stderr", float("nan"))),
+                    "n_items": n,
+                }
+            )
+        item_rows.extend(_details_rows(task, task_details))
+    return rows, item_rows
+
+
+def evaluate_checkpoint(
+    ckpt_dir: Path,
+    tokenizer_path: Path,
+    tasks: list[str],
+    max_items: int | None,
+    data_root: Path,
+    work_dir: Path,
+    heldout: str | None = "wikitext2",
+    heldout_max_tokens: int = 50_000,
+    seed: int = 0,
+) -> dict:
+    """Evaluate one checkpoint.
+
+    Args:
+      ckpt_dir: a ``training.checkpoint`` directory (config.json + model.safetensors).
+      tokenizer_path: tokenizer.json of the ``tokenizers`` BPE (with ``<|endoftext|>``).
+      tasks: names from ``evaluation.tasks.TASK_SPECS`` (may be empty).
+      max_items: items per task (a seeded random subset; None = all).
+      data_root: folder holding ``eval/`` and ``text/`` (e.g. /work/shared/data); read only.
+      work_dir: scratch folder owned by the caller (prepared datasets, lighteval cache and output).
+      heldout: a key of ``HELDOUT_SETS`` or None.
+      seed: selects the item subset.
+
+    Returns ``{"rows": [{"task", "metric", "value", "stderr", "n_items"}, ...],
+    "details": [{"task", "item", "pred", "pred_norm", "gold", "correct", "correct_norm", "logprobs"}, ...],
+    "meta": {...}}``. Task rows have metrics "acc" and "acc_norm"; the held-out row set has
+    "loss" (nats/token) and "bits_per_byte", with n_items = tokens scored (stderr None).
+    ``item`` is the 0-based row index in the task's source file.
+    """
+    tasks = list(tasks)
+    check_tasks(tasks)  # fail fast, before any heavy import
+    if heldout is not None and heldout not in HELDOUT_SETS:
+        raise ValueError(f"unknown heldout set {heldout!r}; known: {', '.join(sorted(HELDOUT_SETS))}")
+    heldout_path = None
+    if heldout is not None:
+        heldout_path = Path(data_root) / HELDOUT_SETS[heldout]
+        if not heldout_path.is_file():
+            raise FileNotFoundError(f"held-out text not found at {heldout_path} (data_root must hold eval/ and text/)")
+
+    set_offline_env()
+    from tokenizers import Tokenizer
+
+    from training.checkpoint import load_checkpoint
+
+    ckpt_dir, work_dir = Path(ckpt_dir), Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model = load_checkpoint(ckpt_dir, device="cpu")
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    ckpt_id = _checkpoint_id(ckpt_dir)
+    model_name = f"foundry-{ckpt_dir.name}-{ckpt_id}"
+    timings["load"] = time.perf_counter() - t0
+
+    rows: list[dict] = []
+    item_rows: list[dict] = []
+    if tasks:
+        t0 = time.perf_counter()
+        task_rows, item_rows = run_lighteval(
+            model, tokenizer, tasks, max_items, data_root, work_dir, model_name, ckpt_id, seed=seed
+        )
+        rows.extend(task_rows)
+        timings["tasks"] = time.perf_counter() - t0
+
+    if heldout_path is not None:
+        from evaluation.heldout import heldout_loss
+
+        t0 = time.perf_counter()
+        h = heldout_loss(model, tokenizer, heldout_path, model.config.max_seq_len, heldout_max_tokens)
+        for metric in ("loss", "bits_per_byte"):
+            rows.append({"task": heldout, "metric": metric, "value": float(h[metric]), "stderr": None,
+                         "n_items": int(h["tokens"])})
+        timings["heldout"] = time.perf_counter() - t0
+
+    return {
+        "rows": rows,
+        "details": item_rows,
+        "meta": {
+            "model_name": model_name,
+            "checkpoint_id": ckpt_id,
+            "tasks": tasks,
+            "max_items": max_items,
+            "seed": seed,
+            "heldout": heldout,
+            "known_tasks": known_tasks(),
+            "seconds": timings,
+        },
+    }

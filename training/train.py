@@ -1,0 +1,191 @@
+"""Training entry point: ``python -m training.train --config RUN.json``.
+
+Single process for now, but laid out for torchrun: it reads RANK/WORLD_SIZE, the data stream
+already shards by rank, and only rank 0 would write outputs.
+
+Outputs in out_dir: model.safetensors + config.json (checkpoint), metrics.parquet (one row per
+step) and summary.json, written last, so its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from training.atomic import atomic_path, write_json_atomic
+from training.checkpoint import save_checkpoint
+from training.config import RunConfig, load_run_config
+from training.data import MixtureTokenStream
+from training.model import Transformer, estimate_mfu
+from training.optim import build_optimizer, lr_at
+from training.reporting import Reporter, open_reporter
+
+METRICS_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),  # optimizer steps completed (1-based)
+        ("tokens", pa.int64()),  # cumulative training tokens, all ranks
+        ("loss", pa.float64()),
+        ("lr", pa.float64()),
+        ("grad_norm", pa.float64()),  # global norm before clipping
+        ("tokens_per_s", pa.float64()),
+    ]
+)
+
+
+class TrainingDiverged(RuntimeError):
+    """Loss or gradient norm became NaN/inf."""
+
+
+def _world() -> tuple[int, int]:
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != 1:
+        raise RuntimeError(f"multi-process training is not implemented yet (WORLD_SIZE={world_size}); run one process")
+    return rank, world_size
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def write_metrics(path: Path, records: list[dict]) -> None:
+    table = pa.table({name: [r[name] for r in records] for name in METRICS_SCHEMA.names}, schema=METRICS_SCHEMA)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def train(run: RunConfig, reporter: Reporter) -> dict:
+    tc = run.training
+    rank, world_size = _world()
+    if tc.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{run.source}: training.device is {tc.device!r} but CUDA is not available")
+    if tc.threads is not None:
+        torch.set_num_threads(tc.threads)
+    _seed_everything(tc.seed)
+
+    model = Transformer(run.model).to(tc.device)
+    model.train()
+    try:
+        optimizer = build_optimizer(model, run.optimizer)
+    except ValueError as e:
+        raise ValueError(f"{run.source}: optimizer: {e}") from e
+    peak_lr = optimizer.param_groups[0]["lr"]
+    stream = MixtureTokenStream(
+        run.mixture_dir, tc.batch_size, tc.seq_len, rank=rank, world_size=world_size, vocab_size=run.model.vocab_size
+    )
+
+    tokens_per_step = tc.batch_size * tc.seq_len * world_size
+    n_params = model.num_params()
+    flops_per_token = model.flops_per_token(tc.seq_len)
+    reporter.log(
+        f"model {n_params / 1e6:.2f}M params ({model.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding); "
+        f"mixture {stream.total_tokens:,} tokens; {tc.steps} steps x {tokens_per_step:,} tokens "
+        f"({tc.steps * tc.batch_size * world_size / stream.windows_per_epoch:.2f} epochs)"
+    )
+
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+    records: list[dict] = []
+    t_start = time.perf_counter()
+    for step in range(1, tc.steps + 1):
+        t0 = time.perf_counter()
+        lr = lr_at(step - 1, tc.steps, peak_lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        x, y = stream.next_batch()  # [B, T] each
+        x, y = x.to(tc.device), y.to(tc.device)
+        _, loss = model(x, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss became {loss_value} at step {step} (lr {lr:.3g}); aborting the run")
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4f}); aborting the run")
+        optimizer.step()
+
+        dt = time.perf_counter() - t0
+        record = {
+            "step": step,
+            "tokens": step * tokens_per_step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_step / dt,
+        }
+        records.append(record)
+        if step % tc.log_every == 0 or step == 1 or step == tc.steps:
+            reporter.log(
+                f"step {step}/{tc.steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} "
+                f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}"
+            )
+            reporter.metrics(record)
+    seconds = time.perf_counter() - t_start
+
+    tokens = tc.steps * tokens_per_step
+    tokens_per_s = tokens / seconds
+    tail = records[-max(1, len(records) // 10) :]
+    summary = {
+        "final_loss": records[-1]["loss"],
+        "final_loss_avg": sum(r["loss"] for r in tail) / len(tail),  # mean over the last 10% of steps
+        "steps": tc.steps,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens_per_s,
+        "params": n_params,
+        "flops_per_token": flops_per_token,
+        "mfu": estimate_mfu(flops_per_token, tokens_per_s, tc.peak_flops) if tc.peak_flops else None,
+        "epochs_completed": stream.epochs_completed,
+        "seed": tc.seed,
+    }
+    if rank == 0:
+        out = run.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(
+            out,
+            model,
+            extra={
+                "tokens": tokens,
+                "final_loss": summary["final_loss"],
+                "steps": tc.steps,
+                "seed": tc.seed,
+                "optimizer": run.optimizer,
+                "training": run.to_dict()["training"],
+                "data": {"mixture_dir": str(run.mixture_dir)},
+            },
+        )
+        write_metrics(out / "metrics.parquet", records)
+        write_json_atomic(out / "summary.json", summary)
+    reporter.log(f"done: {tc.steps} steps, {tokens:,} tokens in {seconds:.1f}s, final loss {summary['final_loss']:.4f}")
+    reporter.summary(summary)
+    return summary
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, type=Path, help="path to RUN.json")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run training from the command line (or in-process from tests); returns the summary."""
+    args = parse_args(argv)
+    # Open the reporter first so that config errors, too, reach Dagster as a reported exception.
+    with open_reporter() as reporter:
+        return train(load_run_config(args.config), reporter)
+
+
+if __name__ == "__main__":
+    main()
