@@ -1,0 +1,206 @@
+"""The `foundry` command: a thin layer over Dagster's Python API.
+
+    foundry demo                         build the demo recipe end to end, then summarize
+    foundry sync [--recipe PATH] [--json]  materialize exactly what is missing or stale
+    foundry status [--recipe PATH]       fresh / stale (why) / missing, per asset
+    foundry sql "QUERY" [--csv]          read-only query on the stats database
+    foundry ui [--port N]                the Dagster UI on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from .settings import PROJECT_ROOT, configure_offline_environment, dagster_home, store_root
+
+DEMO_RECIPE = PROJECT_ROOT / "recipes" / "demo.yaml"
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _prepare(recipes: list[str] | None) -> None:
+    if recipes:
+        os.environ["FOUNDRY_RECIPES"] = os.pathsep.join(str(Path(r).resolve()) for r in recipes)
+    home = dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    configure_offline_environment()
+
+
+def _load(recipes: list[str] | None):
+    """(definitions, recipe assets, instance) for the selected recipes."""
+    _prepare(recipes)
+    from dagster import DagsterInstance
+
+    from .definitions import build_definitions, load_all, recipe_paths
+
+    loaded = load_all(recipe_paths())
+    return build_definitions(loaded), loaded, DagsterInstance.get()
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .sync import sync
+
+    defs, loaded, instance = _load(args.recipe)
+    report = sync(defs, loaded, instance, echo=_err)
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        _err(f"sync: {len(report.ran)} ran, {len(report.cache_hit)} cache hits, "
+             f"{len(report.untouched)} untouched in {report.seconds:.1f}s")
+    if report.error:
+        _err(f"error: {report.error}")
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .sync import compute_states
+
+    _, loaded, instance = _load(args.recipe)
+    states = compute_states(instance, loaded)
+    width = max(len(s.plan.label) for s in states.values())
+    counts: dict[str, int] = {}
+    for s in states.values():
+        counts[s.status] = counts.get(s.status, 0) + 1
+        mark = {"fresh": "✓", "stale": "~", "missing": "·"}[s.status]
+        print(f"{mark} {s.plan.label:<{width}}  {s.status:<7}  {s.reason}".rstrip())
+    print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    from .stats import query
+
+    configure_offline_environment()
+    try:
+        columns, rows = query(store_root(), args.query)
+    except FileNotFoundError as err:
+        _err(str(err))
+        return 1
+    except Exception as err:  # noqa: BLE001 - DuckDB errors are the user's to read
+        _err(f"query failed: {err}")
+        return 1
+    if args.csv:
+        writer = csv.writer(sys.stdout)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    else:
+        _print_table(columns, rows)
+    return 0
+
+
+def _print_table(columns: list[str], rows: list[tuple]) -> None:
+    def fmt(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.6g}"
+        return "NULL" if v is None else str(v)
+
+    cells = [[fmt(v) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    _prepare(args.recipe)
+    cmd = [sys.executable, "-m", "dagster", "dev", "-m", "assets.definitions", "-h", "127.0.0.1", "-p", str(args.port)]
+    _err(f"Dagster UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    # Own process group + default SIGINT in the child: Ctrl-C reaches the whole tree.
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.recipe = [str(DEMO_RECIPE)]
+    args.json = False
+    code = cmd_sync(args)
+    if code:
+        return code
+    from .stats import query
+
+    root = store_root()
+    print("\nFoundry demo: summary")
+    for title, sql in [
+        ("documents kept per source",
+         "select source, count(*) as documents, sum(kept::int) as kept, round(avg(kept::int), 3) as kept_fraction "
+         "from curation where recipe = 'demo' group by source order by source"),
+        ("tokens per source (curated) and in the mixture",
+         "select t.source, t.tokens as curated_tokens, m.tokens as mixture_tokens, m.epochs "
+         "from tokens t left join mixture m using (recipe, source) where recipe = 'demo' order by t.source"),
+        ("training", "select max(step) as steps, max(tokens) as tokens, "
+                     "arg_max(loss, step) as final_loss from train_metrics where recipe = 'demo'"),
+        ("evaluation", "select task, metric, round(value, 4) as value, n_items from evals "
+                       "where recipe = 'demo' order by task, metric"),
+    ]:
+        print(f"\n{title}:")
+        columns, rows = query(root, sql)
+        _print_table(columns, rows)
+    print(f"\noutputs: {root}\nstats:   {root / 'stats.duckdb'}  (try: foundry sql \"select * from evals\")"
+          f"\nUI:      foundry ui")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="foundry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_recipe(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--recipe", action="append", metavar="PATH",
+                       help="recipe file (repeatable); default: every recipes/*.yaml")
+        return p
+
+    p = sub.add_parser("demo", help="build the demo recipe end to end and print a summary")
+    p.set_defaults(func=cmd_demo)
+    p = with_recipe(sub.add_parser("sync", help="materialize exactly what is missing or stale"))
+    p.add_argument("--json", action="store_true", help='print {"ran", "cache_hit", "untouched"} as JSON')
+    p.set_defaults(func=cmd_sync)
+    p = with_recipe(sub.add_parser("status", help="fresh, stale (with the reason) or missing, per asset"))
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("sql", help="read-only DuckDB query on the stats database")
+    p.add_argument("query")
+    p.add_argument("--csv", action="store_true")
+    p.set_defaults(func=cmd_sql)
+    p = with_recipe(sub.add_parser("ui", help="the Dagster UI on 127.0.0.1"))
+    p.add_argument("--port", type=int, default=3000)
+    p.set_defaults(func=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .recipe import RecipeError
+
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        _err(str(err))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The one body every Foundry asset runs: look up the store key, build on a miss, report.
+
+    key = store_key(code_version, data versions of the inputs)
+    hit  -> nothing is computed; the materialization is still recorded with cache: hit
+    miss -> the builder fills a temp dir that the store publishes atomically
+
+The DataVersion reported to Dagster derives from the output files, so an identical rebuild
+leaves everything downstream fresh.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
+
+from . import lineage
+from .identity import store_key
+from .plan import AssetPlan
+from .resources import FoundryResource
+from .store import Manifest
+
+
+class UpstreamMissing(RuntimeError):
+    pass
+
+
+@dataclass
+class Upstream:
+    record: lineage.Record
+    manifest: Manifest
+
+    @property
+    def dir(self) -> Path:
+        return self.manifest.path
+
+
+@dataclass
+class BuildContext:
+    """What a builder gets: where to write, its inputs, the knobs, a logger."""
+
+    plan: AssetPlan
+    out_dir: Path
+    upstream: dict[str, Upstream]
+    foundry: FoundryResource
+    dagster: AssetExecutionContext
+    counts: dict[str, Any]
+
+    @property
+    def log(self):
+        return self.dagster.log
+
+
+# builder(ctx) -> counts to keep in the manifest; describer(manifest) -> UI metadata
+Builder = Callable[[BuildContext], dict[str, Any]]
+Describer = Callable[[Manifest], Mapping[str, Any]]
+
+
+def resolve_upstream(context: AssetExecutionContext, foundry: FoundryResource, plan: AssetPlan) -> dict[str, Upstream]:
+    store = foundry.store()
+    result = {}
+    for role, key in plan.inputs.items():
+        record = lineage.latest(context.instance, key)
+        if record is None or record.store_key is None:
+            raise UpstreamMissing(f"{plan.label}: input '{role}' ({key.to_user_string()}) was never materialized")
+        upstream_kind = record.metadata.get("kind")
+        manifest = store.lookup(upstream_kind, record.store_key)
+        if manifest is None:
+            raise UpstreamMissing(
+                f"{plan.label}: output of {key.to_user_string()} (key {record.store_key}) is not in the store "
+                f"at {store.root}; run `foundry sync` to rebuild it"
+            )
+        result[role] = Upstream(record=record, manifest=manifest)
+    return result
+
+
+def materialize(
+    context: AssetExecutionContext,
+    foundry: FoundryResource,
+    plan: AssetPlan,
+    build: Builder,
+    describe: Describer,
+    extra_inputs: Mapping[str, str] | None = None,
+    extra_metadata: Mapping[str, Any] | None = None,
+) -> MaterializeResult:
+    """Run (or reuse) `plan`'s output. `extra_inputs` are identity inputs that are not assets
+    (e.g. the content hash of source files)."""
+    upstream = resolve_upstream(context, foundry, plan)
+    input_versions = {role: up.manifest.data_version for role, up in upstream.items()}
+    input_versions.update(extra_inputs or {})
+    key = store_key(plan.code_version, input_versions)
+    store = foundry.store()
+    manifest = store.lookup(plan.kind, key)
+    cache = "hit"
+    if manifest is None:
+        cache = "miss"
+        context.log.info(f"{plan.label}: building {plan.kind}/{key}")
+        with store.build(plan.kind, key, spec=plan.spec) as b:
+            ctx = BuildContext(plan, b.dir, upstream, foundry, context, b.counts)
+            b.counts.update(build(ctx) or {})
+        manifest = b.manifest
+    else:
+        context.log.info(f"{plan.label}: cache hit {plan.kind}/{key}, nothing to compute")
+    metadata: dict[str, Any] = {
+        "cache": cache,
+        "kind": plan.kind,
+        "store_key": key,
+        "code_version": plan.code_version,
+        "inputs": MetadataValue.json(dict(sorted(input_versions.items()))),
+        "path": MetadataValue.path(str(manifest.path)),
+        "bytes": manifest.total_bytes,
+        "build_seconds": manifest.seconds,
+    }
+    metadata.update(describe(manifest))
+    metadata.update(extra_metadata or {})
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(manifest.data_version))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())

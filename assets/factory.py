@@ -1,0 +1,171 @@
+"""Asset factory: one recipe -> its plans and Dagster assets (one group, keys prefixed by name)."""
+
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
+
+from . import automation
+from .curation import build_curated, curated_spec, describe_curated
+from .engine import Describer, Builder, materialize
+from .evaluation import build_eval_report, describe_eval_report
+from .mixture import build_mixture_asset, describe_mixture
+from .plan import AssetPlan
+from .recipe import Recipe, source_files
+from .resources import FoundryResource
+from .settings import resolve_data_path
+from .sources import build_raw, content_hash, describe_raw, file_table, fingerprint, raw_spec
+from .stats import build_data_stats, describe_data_stats, publish
+from .store import file_sha256
+from .tokenization import build_tokenized, build_tokenizer, describe_tokenized, describe_tokenizer
+from .training import build_checkpoint, describe_checkpoint, training_spec
+
+
+@dataclass(frozen=True)
+class RecipeAssets:
+    recipe: Recipe
+    origin: str
+    plans: dict[AssetKey, AssetPlan]
+    assets: list[AssetsDefinition]
+
+
+def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
+    """The asset graph of one recipe, in topological order."""
+    r = recipe.name
+    key = lambda name: AssetKey([r, name])  # noqa: E731
+    plans: list[AssetPlan] = []
+    for s, src in recipe.sources.items():
+        plans.append(AssetPlan(r, f"raw_{s}", "raw", raw_spec(src), {},
+                               f"Source files of '{s}' ({src.kind}), identified by content.", {"source": src}))
+    for s, src in recipe.sources.items():
+        plans.append(AssetPlan(r, f"curated_{s}", "curated", curated_spec(src), {"raw": key(f"raw_{s}")},
+                               f"'{s}' after the datatrove filters; one decision row per input document.",
+                               {"source": src}))
+    tok = recipe.tokenizer
+    if tok.path is None:
+        tok_inputs = {s: key(f"raw_{s}") for s in recipe.sources}
+        tok_spec = tok.model_dump(mode="json", exclude={"path"})
+    else:
+        tok_inputs, tok_spec = {}, {"given": True}
+    plans.append(AssetPlan(r, "tokenizer", "tokenizer", tok_spec, tok_inputs,
+                           "Byte-level BPE trained on a sample of the raw sources (or the file the recipe names).",
+                           {"tokenizer": tok, "sources": recipe.sources}))
+    for s in recipe.sources:
+        plans.append(AssetPlan(r, f"tokenized_{s}", "tokenized", {}, {"curated": key(f"curated_{s}"),
+                                                                       "tokenizer": key("tokenizer")},
+                               f"Token ids of curated '{s}' with document boundaries."))
+    plans.append(AssetPlan(r, "mixture", "mixture", recipe.mixture.model_dump(mode="json"),
+                           {s: key(f"tokenized_{s}") for s in recipe.mixed_sources()},
+                           "Weights and token budget turned into a shuffled document index.",
+                           {"mixture": recipe.mixture}))
+    plans.append(AssetPlan(r, "checkpoint", "checkpoint", training_spec(recipe),
+                           {"mixture": key("mixture"), "tokenizer": key("tokenizer")},
+                           "A dense SmolLM-style model trained by `python -m training.train` through Dagster Pipes.",
+                           {"recipe": recipe}))
+    plans.append(AssetPlan(r, "eval_report", "eval_report", recipe.evals.model_dump(mode="json"),
+                           {"checkpoint": key("checkpoint"), "tokenizer": key("tokenizer")},
+                           "lighteval tasks and held-out loss of the checkpoint.", {"evals": recipe.evals}))
+    stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "tokenized", "mixture", "checkpoint",
+                                                              "eval_report")}
+    plans.append(AssetPlan(r, "data_stats", "data_stats", {}, stat_inputs,
+                           "DuckDB views over this recipe's statistics (`foundry sql`)."))
+    return plans
+
+
+BUILDERS: dict[str, tuple[Builder, Describer]] = {
+    "curated": (build_curated, describe_curated),
+    "tokenized": (build_tokenized, describe_tokenized),
+    "mixture": (build_mixture_asset, describe_mixture),
+    "checkpoint": (build_checkpoint, describe_checkpoint),
+    "eval_report": (build_eval_report, describe_eval_report),
+    "data_stats": (build_data_stats, describe_data_stats),
+}
+KINDS = {
+    "raw": {"json"}, "curated": {"datatrove"}, "tokenizer": {"tokenizers"}, "tokenized": {"numpy"},
+    "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"},
+}
+
+
+def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource], MaterializeResult]:
+    if plan.kind == "raw":
+        src = plan.context["source"]
+
+        def run_raw(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            files = source_files(src, foundry.data_path())
+            if not files:
+                raise FileNotFoundError(f"{plan.label}: no files match {resolve_data_path(src.path, foundry.data_path())}")
+            table = file_table(files)
+            return materialize(
+                context, foundry, plan, lambda ctx: build_raw(ctx, table), describe_raw,
+                extra_inputs={"content": content_hash(table)},
+                extra_metadata={"fingerprint": MetadataValue.json(fingerprint(files))},
+            )
+
+        return run_raw
+    if plan.kind == "tokenizer":
+
+        def run_tokenizer(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            extra = {}
+            if plan.context["tokenizer"].path is not None:
+                path = resolve_data_path(plan.context["tokenizer"].path, foundry.data_path())
+                plan.context["tokenizer_file"] = path
+                extra = {"file": file_sha256(path)}
+            return materialize(context, foundry, plan, build_tokenizer, describe_tokenizer, extra_inputs=extra)
+
+        return run_tokenizer
+    build, describe = BUILDERS[plan.kind]
+    if plan.kind == "data_stats":
+
+        def run_stats(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            result = materialize(context, foundry, plan, build, describe)
+            store = foundry.store()
+            manifest = store.lookup("data_stats", result.metadata["store_key"])
+            db = publish(store.root, plan.recipe, manifest)
+            context.log.info(f"{plan.label}: stats database at {db}")
+            return result
+
+        return run_stats
+
+    def run(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+        return materialize(context, foundry, plan, build, describe)
+
+    return run
+
+
+def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
+    body = _body(plan)
+    deps = list(dict.fromkeys(plan.inputs.values()))
+    pool = "train" if plan.kind == "checkpoint" else None
+
+    @asset(
+        key=plan.key,
+        deps=deps,
+        code_version=plan.code_version,
+        group_name=plan.recipe,
+        description=plan.description,
+        automation_condition=automation.condition_for(plan.kind, recipe.automation),
+        kinds=KINDS[plan.kind],
+        pool=pool,
+        metadata={"foundry/kind": plan.kind},
+    )
+    def _asset(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+        return body(context, foundry)
+
+    return _asset
+
+
+def recipe_assets(recipe: Recipe, origin: str | Path) -> RecipeAssets:
+    plans = recipe_plans(recipe)
+    return RecipeAssets(
+        recipe=recipe,
+        origin=str(origin),
+        plans={p.key: p for p in plans},
+        assets=[asset_for(p, recipe) for p in plans],
+    )
+
+
+def describe_recipe(ra: RecipeAssets) -> dict[str, Any]:
+    return {p.label: {"kind": p.kind, "code_version": p.code_version,
+                      "deps": sorted(k.to_user_string() for k in p.inputs.values())} for p in ra.plans.values()}

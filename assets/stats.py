@@ -1,0 +1,163 @@
+"""data_stats: DuckDB views over the Parquet statistics of each recipe's current outputs.
+
+Each recipe's data_stats output is `tables.json` (which Parquet file feeds which table, with
+the recipe/source columns to add). Publishing it points `<store>/stats/recipes/<recipe>.json`
+at it and rebuilds `<store>/stats.duckdb` from every recipe's pointer: built in a temp file
+under a lock and renamed into place, so readers never see a half-written database and
+concurrent writers never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import duckdb
+
+from .engine import BuildContext, read_json
+from .store import Manifest, atomic_write_json
+
+STATS_DB = "stats.duckdb"
+
+# table -> (parquet file inside the producing output, columns taken from it, typed empty schema)
+TABLES: dict[str, dict[str, Any]] = {
+    "curation": {
+        "kind": "curated", "file": "decisions.parquet",
+        "columns": ["doc_id", "kept", "reason", "step", "chars", "words", "shard"],
+        "empty": "NULL::VARCHAR AS doc_id, NULL::BOOLEAN AS kept, NULL::VARCHAR AS reason, NULL::VARCHAR AS step, "
+                 "NULL::BIGINT AS chars, NULL::BIGINT AS words, NULL::INTEGER AS shard",
+    },
+    "tokens": {
+        "kind": "tokenized", "file": "stats.parquet", "columns": ["documents", "tokens"],
+        "empty": "NULL::BIGINT AS documents, NULL::BIGINT AS tokens",
+    },
+    "mixture": {
+        "kind": "mixture", "file": "mixture.parquet",
+        "columns": ["source", "weight", "tokens", "epochs", "target_tokens", "available_tokens", "documents",
+                    "shortfall_tokens"],
+        "empty": "NULL::VARCHAR AS source, NULL::DOUBLE AS weight, NULL::BIGINT AS tokens, NULL::DOUBLE AS epochs, "
+                 "NULL::BIGINT AS target_tokens, NULL::BIGINT AS available_tokens, NULL::BIGINT AS documents, "
+                 "NULL::BIGINT AS shortfall_tokens",
+    },
+    "train_metrics": {
+        "kind": "checkpoint", "file": "metrics.parquet",
+        "columns": ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"],
+        "empty": "NULL::BIGINT AS step, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS lr, "
+                 "NULL::DOUBLE AS grad_norm, NULL::DOUBLE AS tokens_per_s",
+    },
+    "evals": {
+        "kind": "eval_report", "file": "evals.parquet", "columns": ["task", "metric", "value", "stderr", "n_items"],
+        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS metric, NULL::DOUBLE AS value, NULL::DOUBLE AS stderr, "
+                 "NULL::BIGINT AS n_items",
+    },
+}
+KIND_TO_TABLE = {spec["kind"]: name for name, spec in TABLES.items()}
+
+
+def build_data_stats(ctx: BuildContext) -> dict[str, Any]:
+    """tables.json: rows of (table, recipe, source, store-relative parquet path)."""
+    recipe = ctx.plan.recipe
+    entries = []
+    for role in sorted(ctx.upstream):
+        up = ctx.upstream[role]
+        table = KIND_TO_TABLE.get(up.manifest.kind)
+        if table is None:
+            continue
+        parquet = up.dir / TABLES[table]["file"]
+        if not parquet.is_file():
+            continue
+        source = role.split("_", 1)[1] if role.startswith(("curated_", "tokenized_")) else None
+        entries.append({"table": table, "recipe": recipe, "source": source,
+                        "file": f"{up.manifest.kind}/{up.manifest.key}/{TABLES[table]['file']}"})
+    atomic_write_json(ctx.out_dir / "tables.json", entries)
+    return {"tables": sorted({e["table"] for e in entries}), "files": len(entries)}
+
+
+def describe_data_stats(manifest: Manifest) -> dict[str, Any]:
+    return {"tables": ", ".join(manifest.counts.get("tables", [])), "parquet_files": manifest.counts.get("files", 0)}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def publish(store_root: Path, recipe: str, manifest: Manifest) -> Path:
+    """Point the recipe at this output and rebuild the shared stats database."""
+    pointer_dir = store_root / "stats" / "recipes"
+    with _locked(store_root / "stats" / ".lock"):
+        atomic_write_json(pointer_dir / f"{recipe}.json", read_json(manifest.path / "tables.json"))
+        return rebuild_database(store_root)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
+    selects: dict[str, list[str]] = {name: [] for name in TABLES}
+    for e in entries:
+        spec = TABLES[e["table"]]
+        path = store_root / e["file"]
+        if not path.is_file():
+            continue  # output deleted from the store: leave it out rather than break every query
+        cols = ", ".join(spec["columns"])
+        src = "" if e["table"] in ("train_metrics", "evals") else f"{_quote(e['source'] or '')} AS source, "
+        if e["table"] == "mixture":
+            src = ""  # mixture.parquet has its own source column
+        selects[e["table"]].append(
+            f"SELECT {_quote(e['recipe'])} AS recipe, {src}{cols} FROM read_parquet({_quote(str(path))})"
+        )
+    sql = {}
+    for name, spec in TABLES.items():
+        if selects[name]:
+            sql[name] = " UNION ALL ".join(selects[name])
+        else:
+            has_source = name in ("curation", "tokens")
+            sql[name] = (f"SELECT NULL::VARCHAR AS recipe, {'NULL::VARCHAR AS source, ' if has_source else ''}"
+                         f"{spec['empty']} WHERE false")
+    return sql
+
+
+def rebuild_database(store_root: Path) -> Path:
+    entries: list[dict[str, Any]] = []
+    for pointer in sorted((store_root / "stats" / "recipes").glob("*.json")):
+        entries.extend(read_json(pointer))
+    target = store_root / STATS_DB
+    tmp = store_root / f".tmp-{STATS_DB}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            for name, sql in view_sql(store_root, entries).items():
+                con.execute(f"CREATE VIEW {name} AS {sql}")
+        finally:
+            con.close()
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        Path(f"{tmp}.wal").unlink(missing_ok=True)
+    return target
+
+
+def query(store_root: Path, sql: str) -> tuple[list[str], list[tuple]]:
+    """Run one read-only query against the stats database."""
+    db = store_root / STATS_DB
+    if not db.is_file():
+        raise FileNotFoundError(f"{db} does not exist yet: run `foundry sync` (or `foundry demo`) first")
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        cur = con.execute(sql)
+        columns = [d[0] for d in cur.description] if cur.description else []
+        return columns, cur.fetchall()
+    finally:
+        con.close()

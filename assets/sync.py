@@ -1,0 +1,172 @@
+"""Freshness of every asset, and `sync`: materialize exactly what is missing or stale.
+
+Freshness is computed from the Dagster instance (latest materialization of each asset) and
+the plans, the same way the asset bodies compute store keys:
+
+    missing  never materialized
+    stale    its code version changed, an input's data version changed since it was built,
+             its source files changed on disk (raw), or its output left the store
+    fresh    otherwise
+
+Staleness reaches a child only once the parent is rebuilt and reports a *new* data version,
+so sync works in rounds: build the stale assets whose inputs are all fresh, then look again.
+A rebuild that reproduces its old output stops the wave there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from dagster import AssetKey, DagsterInstance, Definitions
+
+from . import lineage
+from .factory import RecipeAssets
+from .plan import AssetPlan
+from .recipe import source_files
+from .settings import data_root, store_root
+from .sources import fingerprint
+from .store import ArtifactStore
+
+
+@dataclass
+class AssetState:
+    plan: AssetPlan
+    status: str  # fresh | stale | missing
+    reason: str = ""
+    record: lineage.Record | None = None
+    direct: bool = False  # stale for its own reason (runnable once its inputs are fresh)
+
+
+def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, AssetState],
+                   store: ArtifactStore, root: Path) -> str:
+    if rec.code_version != plan.code_version:
+        return f"spec or logic changed (code version {rec.code_version} -> {plan.code_version})"
+    for role, up in plan.inputs.items():
+        up_rec = states[up].record
+        if up_rec is not None and rec.inputs.get(role) != up_rec.data_version:
+            return f"input {up.to_user_string()} has new data"
+    if plan.kind == "raw":
+        try:
+            now = fingerprint(source_files(plan.context["source"], root))
+        except Exception as err:  # noqa: BLE001 - reported, the asset will fail with detail
+            return f"source files unreadable: {err}"
+        if now != rec.metadata.get("fingerprint"):
+            return "source files changed on disk"
+    if rec.store_key is None or store.lookup(plan.kind, rec.store_key) is None:
+        return "output missing from the store"
+    return ""
+
+
+def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
+                   store: ArtifactStore | None = None, root: Path | None = None) -> dict[AssetKey, AssetState]:
+    store = store or ArtifactStore(store_root())
+    root = root or data_root()
+    states: dict[AssetKey, AssetState] = {}
+    for ra in recipes:
+        for plan in ra.plans.values():  # topological order
+            rec = lineage.latest(instance, plan.key)
+            if rec is None:
+                states[plan.key] = AssetState(plan, "missing", "never materialized", None, direct=True)
+                continue
+            reason = _direct_reason(plan, rec, states, store, root)
+            if reason:
+                states[plan.key] = AssetState(plan, "stale", reason, rec, direct=True)
+                continue
+            waiting = [up for up in plan.inputs.values() if states[up].status != "fresh"]
+            if waiting:
+                names = ", ".join(sorted(u.to_user_string() for u in waiting))
+                states[plan.key] = AssetState(plan, "stale", f"upstream not fresh: {names}", rec)
+            else:
+                states[plan.key] = AssetState(plan, "fresh", "", rec)
+    return states
+
+
+def frontier(states: dict[AssetKey, AssetState]) -> list[AssetKey]:
+    """Directly stale or missing assets whose inputs are all fresh."""
+    return [
+        key for key, s in states.items()
+        if s.status != "fresh" and s.direct and all(states[u].status == "fresh" for u in s.plan.inputs.values())
+    ]
+
+
+@dataclass
+class SyncReport:
+    ran: list[str] = field(default_factory=list)
+    cache_hit: list[str] = field(default_factory=list)
+    untouched: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    rounds: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    def as_json(self) -> dict:
+        out = {"ran": self.ran, "cache_hit": self.cache_hit, "untouched": self.untouched}
+        if self.failed:
+            out["failed"] = self.failed
+            out["error"] = self.error
+        return out
+
+
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstance,
+         echo: Callable[[str], None] = lambda s: None, max_rounds: int = 50) -> SyncReport:
+    started = time.time()
+    report = SyncReport()
+    job = defs.resolve_implicit_global_asset_job_def()
+    touched: set[str] = set()
+    for round_no in range(1, max_rounds + 1):
+        states = compute_states(instance, recipes)
+        todo = frontier(states)
+        if not todo:
+            break
+        report.rounds = round_no
+        labels = [states[k].plan.label for k in todo]
+        echo(f"round {round_no}: " + ", ".join(labels))
+        for k in todo:
+            echo(f"  · {states[k].plan.label}: {states[k].reason}")
+        t0 = time.time()
+        result = job.execute_in_process(
+            instance=instance, asset_selection=todo, raise_on_error=False,
+            tags={"foundry/sync": "true"}, run_config=QUIET_RUN_CONFIG,
+        )
+        for key in todo:
+            label = states[key].plan.label
+            rec = lineage.latest(instance, key)
+            if rec is None or rec.run_id != result.run_id:
+                report.failed.append(label)
+                continue
+            touched.add(label)
+            (report.cache_hit if rec.cache == "hit" else report.ran).append(label)
+            echo(f"  {'=' if rec.cache == 'hit' else '✓'} {label} ({'cache hit' if rec.cache == 'hit' else 'ran'})")
+        if report.failed:
+            report.error = _failure_message(result) or "materialization failed"
+            echo(f"✗ failed: {', '.join(report.failed)}\n{report.error}")
+            break
+        echo(f"  round {round_no} done in {time.time() - t0:.1f}s")
+        after = compute_states(instance, recipes)
+        stuck = [after[k].plan.label for k in todo if after[k].direct and after[k].status != "fresh"]
+        if stuck:  # would loop forever: say so instead
+            report.error = "still stale right after materializing: " + ", ".join(
+                f"{after[k].plan.label} ({after[k].reason})" for k in todo if after[k].plan.label in stuck)
+            break
+    else:
+        report.error = f"still stale after {max_rounds} rounds"
+    all_labels = [p.label for ra in recipes for p in ra.plans.values()]
+    report.untouched = [label for label in all_labels if label not in touched and label not in report.failed]
+    report.seconds = time.time() - started
+    return report
+
+
+def _failure_message(result) -> str | None:
+    for event in result.all_events:
+        if event.is_step_failure and event.step_failure_data and event.step_failure_data.error:
+            err = event.step_failure_data.error
+            while err.cause is not None and err.message.startswith("dagster._core.errors"):
+                err = err.cause
+            return f"{event.step_key}: {err.message.strip()}"
+    return None

@@ -1,0 +1,101 @@
+"""checkpoint: `python -m training.train` launched through Dagster Pipes.
+
+The training loop lives in `training/` (plain PyTorch, no Dagster) and runs in a subprocess
+shaped for torchrun; this module writes its RUN.json, streams its per-step metrics back as
+Pipes messages, and publishes the checkpoint directory into the store.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import pyarrow.parquet as pq
+from dagster import MetadataValue, PipesSubprocessClient
+
+from .engine import BuildContext
+from .settings import PROJECT_ROOT
+from .store import Manifest, atomic_write_json
+
+
+def training_spec(recipe) -> dict[str, Any]:
+    return {
+        "model": recipe.model.model_dump(mode="json"),
+        "optimizer": recipe.optimizer.model_dump(mode="json"),
+        "training": recipe.training.model_dump(mode="json"),
+    }
+
+
+def run_config(ctx: BuildContext, vocab_size: int) -> dict[str, Any]:
+    recipe = ctx.plan.context["recipe"]
+    m, t = recipe.model, recipe.training
+    return {
+        "model": {
+            "vocab_size": vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
+            "n_kv_heads": m.n_kv_heads, "ffn_hidden": m.ffn_hidden, "max_seq_len": m.seq_len,
+            "rope_theta": m.rope_theta, "tie_embeddings": m.tie_embeddings,
+        },
+        "optimizer": recipe.optimizer.model_dump(mode="json"),
+        "training": {
+            "steps": t.steps, "batch_size": t.batch_size, "seq_len": m.seq_len, "warmup_steps": t.warmup_steps,
+            "schedule": t.schedule, "grad_clip": t.grad_clip, "seed": t.seed, "log_every": t.log_every,
+            "threads": ctx.foundry.train_threads,
+        },
+        "data": {"mixture_dir": str(ctx.upstream["mixture"].dir)},
+        "out_dir": str(ctx.out_dir),
+    }
+
+
+def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
+    from dataprep.tokenize import load_tokenizer
+
+    vocab_size = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json").get_vocab_size()
+    run_file = ctx.out_dir.parent / f"{ctx.out_dir.name}.run.json"
+    atomic_write_json(run_file, run_config(ctx, vocab_size))
+    try:
+        invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
+            command=[sys.executable, "-m", "training.train", "--config", str(run_file)],
+            context=ctx.dagster,
+        )
+        summary = {}
+        for message in invocation.get_custom_messages():
+            if isinstance(message, dict) and message.get("event") == "summary":
+                summary = message
+    finally:
+        run_file.unlink(missing_ok=True)
+    if not (ctx.out_dir / "summary.json").is_file():
+        raise RuntimeError(f"{ctx.plan.label}: training finished without writing summary.json")
+    summary = json.loads((ctx.out_dir / "summary.json").read_text()) | {k: v for k, v in summary.items() if k != "event"}
+    return {k: summary[k] for k in ("final_loss", "steps", "tokens", "seconds", "params") if k in summary} | {
+        "vocab_size": vocab_size
+    }
+
+
+def describe_checkpoint(manifest: Manifest) -> dict[str, Any]:
+    c = manifest.counts
+    meta: dict[str, Any] = {k: c[k] for k in ("final_loss", "steps", "tokens", "params") if k in c}
+    metrics = manifest.path / "metrics.parquet"
+    if metrics.is_file():
+        table = pq.read_table(metrics, columns=["step", "loss"]).to_pylist()
+        meta["loss_curve"] = MetadataValue.md(_loss_plot(table))
+    return meta
+
+
+def _loss_plot(rows: list[dict]) -> str:
+    """A small text plot of loss against step: readable in the asset page with no image."""
+    if not rows:
+        return "(no steps)"
+    width, height = 60, 12
+    losses = [r["loss"] for r in rows]
+    lo, hi = min(losses), max(losses)
+    span = (hi - lo) or 1.0
+    grid = [[" "] * width for _ in range(height)]
+    for i, loss in enumerate(losses):
+        x = min(width - 1, i * width // len(losses))
+        y = height - 1 - int((loss - lo) / span * (height - 1))
+        grid[y][x] = "•"
+    lines = [f"{hi:7.3f} ┤" + "".join(grid[0])]
+    lines += ["        │" + "".join(row) for row in grid[1:-1]]
+    lines += [f"{lo:7.3f} ┤" + "".join(grid[-1]), "        └" + "─" * width, f"         step 1 … {rows[-1]['step']}"]
+    return "**training loss**\n\n```\n" + "\n".join(lines) + "\n```"
