@@ -11,6 +11,7 @@ from pathlib import Path
 from dagster import Definitions
 
 from .automation import automation_sensor
+from .console import compact_console
 from .factory import RecipeAssets, recipe_assets
 from .recipe import RecipeError, load_recipe
 from .resources import FoundryResource
@@ -41,6 +42,7 @@ def build_definitions(recipes: list[RecipeAssets]) -> Definitions:
         assets=[a for r in recipes for a in r.assets],
         sensors=[automation_sensor()],
         resources={"foundry": FoundryResource()},
+        loggers={"compact": compact_console},
     )
 
 

@@ -307,6 +307,8 @@ def source_files(src: SourceSpec, data_root: Path | None = None) -> list[Path]:
         if target.is_dir():
             files = sorted(p for p in target.rglob("*") if p.is_file())
         elif target.is_file():
+            if not target.name.endswith(SUFFIXES[src.kind]):
+                raise RecipeError(f"{target} is not a {src.kind} file (expected {', '.join(SUFFIXES[src.kind])})")
             return [target]
         else:
             raise RecipeError(f"path does not exist: {target}")

@@ -24,6 +24,11 @@ def raw_spec(src: SourceSpec) -> dict[str, Any]:
     return src.model_dump(mode="json", exclude={"curation", "shards"})
 
 
+def reader_spec(src: SourceSpec) -> dict[str, Any]:
+    """How documents are read from the files (the path is not part of it: content is)."""
+    return src.model_dump(mode="json", include={"kind", "text_key", "id_key", "limit"})
+
+
 def _common_parent(files: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f.parent) for f in files]))
 
@@ -51,6 +56,9 @@ def fingerprint(files: list[Path]) -> dict[str, list[int]]:
 
 def build_raw(ctx: BuildContext, table: list[dict[str, Any]]) -> dict[str, Any]:
     atomic_write_json(ctx.out_dir / "files.json", table)
+    # How the files are read is part of what this asset hands on: a new `limit` or text key
+    # must give a new data version, or curated/tokenizer would reuse outputs of the old reading.
+    atomic_write_json(ctx.out_dir / "reader.json", reader_spec(ctx.plan.context["source"]))
     return {"files": len(table), "source_bytes": sum(r["bytes"] for r in table)}
 
 

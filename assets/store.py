@@ -149,7 +149,7 @@ class ArtifactStore:
                 pid = int(stale.name[len(TMP_PREFIX) + len(key) + 1 :].split("-")[0])
             except ValueError:
                 continue
-            if pid == os.getpid() or not _pid_alive(pid):
+            if pid != os.getpid() and not _pid_alive(pid):
                 shutil.rmtree(stale, ignore_errors=True)
 
 

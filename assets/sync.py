@@ -110,7 +110,7 @@ class SyncReport:
         return out
 
 
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+QUIET_RUN_CONFIG = {"loggers": {"compact": {"config": {"log_level": "INFO"}}}}
 
 
 def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstance,

@@ -38,11 +38,15 @@ def _take(doc_lengths: np.ndarray, target: int, cap: float, rng: np.random.Gener
     if remainder > 0:
         order = rng.permutation(len(doc_lengths))
         cum = np.cumsum(doc_lengths[order])
-        # smallest prefix of the shuffled documents that covers the remainder
-        n = int(np.searchsorted(cum, remainder, side="left")) + 1
-        n = min(n, len(order))
-        parts.append(order[:n].astype(np.int64))
-        taken += int(cum[n - 1])
+        if allowed < target:
+            # capped: the largest prefix that stays within the cap (the shortfall is reported)
+            n = int(np.searchsorted(cum, remainder, side="right"))
+        else:
+            # uncapped: the smallest prefix that covers the share (overshoot < one document)
+            n = min(int(np.searchsorted(cum, remainder, side="left")) + 1, len(order))
+        if n > 0:
+            parts.append(order[:n].astype(np.int64))
+            taken += int(cum[n - 1])
     ids = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     return ids, int(taken)
 

@@ -96,7 +96,11 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
     records: list[dict] = []
     t_start = time.perf_counter()
+    parent = os.getppid()
     for step in range(1, tc.steps + 1):
+        if os.getppid() != parent:
+            # The orchestrator died (e.g. SIGKILL): stop instead of writing into an abandoned dir.
+            raise SystemExit(f"parent process {parent} is gone; stopping at step {step}")
         t0 = time.perf_counter()
         lr = lr_at(step - 1, tc.steps, peak_lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
         for group in optimizer.param_groups:

@@ -1,0 +1,192 @@
+"""Only what lies downstream of an edit rebuilds: the scenarios of the foundation issue, on a
+real Dagster instance (sqlite in a temp dir), real datatrove, real training and lighteval.
+
+The scenarios share one instance and store and run in order, like a user's session.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.recipes import tiny_recipe
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+BRANCH_CC = ["curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats"]
+AFTER_MIXTURE = ["mixture", "checkpoint", "eval_report", "data_stats"]
+
+
+class Session:
+    """A user's workspace: recipe files, one Dagster instance, one store."""
+
+    def __init__(self, root: Path):
+        from dagster import DagsterInstance
+
+        self.root = root
+        self.store = root / "store"
+        os.environ["FOUNDRY_STORE"] = str(self.store)
+        os.environ["FOUNDRY_WORKERS"] = "1"
+        self.instance = DagsterInstance.local_temp(str(root / "dagster_home"))
+
+    def write(self, recipe: dict, name: str | None = None) -> Path:
+        path = self.root / f"{name or recipe['name']}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    def sync(self, *paths: Path) -> dict:
+        from assets.definitions import build_definitions, load_all
+        from assets.sync import sync
+
+        loaded = load_all(list(paths))
+        report = sync(build_definitions(loaded), loaded, self.instance)
+        assert report.error is None, report.error
+        return report.as_json()
+
+
+def names(labels: list[str], recipe: str = "t1") -> set[str]:
+    return {label.split("/", 1)[1] for label in labels if label.startswith(recipe + "/")}
+
+
+@pytest.fixture(scope="module")
+def session(tmp_path_factory, request):
+    saved = {k: os.environ.get(k) for k in ("FOUNDRY_STORE", "FOUNDRY_WORKERS")}
+    s = Session(tmp_path_factory.mktemp("rebuilds"))
+    s.base = tiny_recipe("t1")
+    s.path = s.write(s.base)
+    first = s.sync(s.path)
+    s.first = first
+    yield s
+    s.instance.dispose()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_first_sync_builds_everything(session):
+    assert names(session.first["ran"]) == {
+        "raw_fineweb", "raw_commoncrawl", "curated_fineweb", "curated_commoncrawl", "tokenizer",
+        "tokenized_fineweb", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats",
+    }
+    assert session.first["cache_hit"] == []
+
+
+def test_noop_sync_touches_nothing(session):
+    report = session.sync(session.path)
+    assert report["ran"] == [] and report["cache_hit"] == []
+    assert len(report["untouched"]) == 11
+
+
+def test_threshold_change_rebuilds_only_that_branch(session):
+    edited = copy.deepcopy(session.base)
+    edited["sources"]["commoncrawl"]["curation"]["gopher_quality"]["min_doc_words"] = 300
+    report = session.sync(session.write(edited))
+    assert names(report["ran"]) == set(BRANCH_CC)
+    assert report["cache_hit"] == []
+    assert {"raw_fineweb", "raw_commoncrawl", "curated_fineweb", "tokenized_fineweb", "tokenizer"} <= names(
+        report["untouched"]
+    )
+
+    # revert: everything the edit touched is a cache hit, training does not rerun
+    report = session.sync(session.write(session.base))
+    assert report["ran"] == []
+    assert names(report["cache_hit"]) == set(BRANCH_CC)
+
+
+def test_mix_weight_change_rebuilds_mixture_and_after(session):
+    edited = copy.deepcopy(session.base)
+    edited["mixture"]["weights"] = {"fineweb": 0.5, "commoncrawl": 0.5}
+    report = session.sync(session.write(edited))
+    assert names(report["ran"]) == set(AFTER_MIXTURE)
+    report = session.sync(session.write(session.base))
+    assert report["ran"] == [] and names(report["cache_hit"]) == set(AFTER_MIXTURE)
+
+
+def test_second_recipe_shares_curated_and_tokenized_outputs(session):
+    other = copy.deepcopy(session.base)
+    other["name"] = "t2"
+    other["mixture"]["weights"] = {"fineweb": 0.9, "commoncrawl": 0.1}
+    other_path = session.write(other)
+    report = session.sync(session.path, other_path)
+    shared = {"raw_fineweb", "raw_commoncrawl", "curated_fineweb", "curated_commoncrawl", "tokenizer",
+              "tokenized_fineweb", "tokenized_commoncrawl"}
+    assert names(report["cache_hit"], "t2") == shared
+    assert names(report["ran"], "t2") == set(AFTER_MIXTURE)
+    assert names(report["untouched"], "t1") == names(session.first["ran"])  # t1 stays as it was
+
+
+def test_stats_tables_answer_queries(session):
+    from assets.stats import query
+
+    cols, rows = query(session.store, "select source, count(*), sum(kept::int) from curation "
+                                      "where recipe = 't1' group by 1 order by 1")
+    assert cols[0] == "source"
+    assert [r[0] for r in rows] == ["commoncrawl", "fineweb"]
+    assert rows[0][1] == 150 and rows[1][1] == 100  # one decision row per input document
+    _, rows = query(session.store, "select count(*) from train_metrics where recipe = 't1'")
+    assert rows[0][0] == 6
+    _, rows = query(session.store, "select task, metric, n_items from evals where recipe = 't1' "
+                                   "and task = 'hellaswag' order by metric")
+    assert rows == [("hellaswag", "acc", 6), ("hellaswag", "acc_norm", 6)]
+    _, rows = query(session.store, "select sum(tokens) from tokens t join (select distinct recipe from mixture) "
+                                   "using (recipe) where recipe = 't2'")
+    assert rows[0][0] > 0
+    with pytest.raises(Exception):  # read-only: the database cannot be written through foundry sql
+        query(session.store, "create table x as select 1")
+
+
+def test_status_reports_stale_with_reason(session, capsys):
+    from assets.definitions import load_all
+    from assets.sync import compute_states
+
+    edited = copy.deepcopy(session.base)
+    edited["training"]["steps"] = 7
+    loaded = load_all([session.write(edited, "t1_edit")])
+    states = {s.plan.name: s for s in compute_states(session.instance, loaded).values()}
+    assert states["checkpoint"].status == "stale"
+    assert "code version" in states["checkpoint"].reason
+    assert states["eval_report"].status == "stale" and "checkpoint" in states["eval_report"].reason
+    assert states["mixture"].status == "fresh"
+
+
+def test_cli_sync_json_and_sigkill_recovery(session, tmp_path):
+    """`foundry sync --json` as a user runs it; SIGKILL during training leaves nothing partial
+    visible, and the next sync completes the same materialization."""
+    env = dict(os.environ, FOUNDRY_STORE=str(session.store), FOUNDRY_WORKERS="1",
+               DAGSTER_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    slow = copy.deepcopy(session.base)
+    slow["name"] = "t3"
+    slow["training"]["steps"] = 1500  # long enough to be killed mid-run, short enough to finish
+    path = session.write(slow)
+    cmd = [sys.executable, "-m", "assets.cli", "sync", "--recipe", str(path), "--json"]
+    ckpt_root = session.store / "checkpoint"
+    visible_before = {p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")}
+    proc = subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(p.name.startswith(".tmp-") for p in ckpt_root.iterdir()):
+        time.sleep(0.1)
+    assert proc.poll() is None, "sync ended before training started"
+    time.sleep(1.0)  # let training get going
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    visible_after = {p.name for p in ckpt_root.iterdir() if not p.name.startswith(".")}
+    assert visible_after == visible_before, "a killed build must not publish anything"
+    assert any(p.name.startswith(".tmp-") for p in ckpt_root.iterdir())  # its leftovers are hidden
+
+    done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert "t3/checkpoint" in report["ran"] and "t3/eval_report" in report["ran"]
+    assert "t3/curated_fineweb" in report["cache_hit"]  # shared with t1, built before the kill
+    assert not [p for p in ckpt_root.iterdir() if p.name.startswith(".tmp-")], "abandoned temp dir left behind"
