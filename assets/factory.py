@@ -137,7 +137,6 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
 def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
     body = _body(plan)
     deps = list(dict.fromkeys(plan.inputs.values()))
-    pool = "train" if plan.kind == "checkpoint" else None
 
     @asset(
         key=plan.key,
@@ -147,7 +146,6 @@ def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
         description=plan.description,
         automation_condition=automation.condition_for(plan.kind, recipe.automation),
         kinds=KINDS[plan.kind],
-        pool=pool,
         metadata={"foundry/kind": plan.kind},
     )
     def _asset(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
