@@ -150,7 +150,10 @@ class ArtifactStore:
             except ValueError:
                 continue
             if pid != os.getpid() and not _pid_alive(pid):
-                shutil.rmtree(stale, ignore_errors=True)
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)  # e.g. a run config written beside the temp dir
 
 
 def _pid_alive(pid: int) -> bool:

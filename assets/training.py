@@ -8,6 +8,7 @@ Pipes messages, and publishes the checkpoint directory into the store.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any
 
@@ -57,6 +58,7 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
         invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
             command=[sys.executable, "-m", "training.train", "--config", str(run_file)],
             context=ctx.dagster,
+            env={"FOUNDRY_PARENT_PID": str(os.getpid())},
         )
         summary = {}
         for message in invocation.get_custom_messages():

@@ -86,8 +86,16 @@ def run_lighteval(
     set_offline_env()
     check_tasks(tasks)
     import numpy as np
-    from lighteval.logging.evaluation_tracker import EvaluationTracker
-    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+    import torch
+
+    # lighteval's transformers backend calls torch.set_grad_enabled(False) at import time;
+    # restore the caller's mode so nothing trained later in this process silently breaks.
+    grad_mode = torch.is_grad_enabled()
+    try:
+        from lighteval.logging.evaluation_tracker import EvaluationTracker
+        from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+    finally:
+        torch.set_grad_enabled(grad_mode)
 
     from evaluation.lighteval_model import FoundryLightevalModel, FoundryModelConfig
     from evaluation.offline_registry import custom_tasks_only, make_tasks_module
@@ -131,6 +139,7 @@ def run_lighteval(
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
+        torch.set_grad_enabled(grad_mode)
 
     rows, item_rows = [], []
     for task in tasks:

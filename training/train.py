@@ -64,6 +64,28 @@ def write_metrics(path: Path, records: list[dict]) -> None:
         pq.write_table(table, tmp)
 
 
+def _launcher_watch():
+    """A check that the orchestrator still runs. The launcher may pass its pid in
+    FOUNDRY_PARENT_PID (it may be a grandparent under torchrun, and a launcher that died while
+    this interpreter was starting is caught too); otherwise watch for a change of parent."""
+    expected = os.environ.get("FOUNDRY_PARENT_PID")
+    if expected:
+        pid = int(expected)
+
+        def alive() -> bool:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+            return True
+
+        return alive
+    first = os.getppid()
+    return lambda: os.getppid() == first
+
+
 def train(run: RunConfig, reporter: Reporter) -> dict:
     tc = run.training
     rank, world_size = _world()
@@ -96,11 +118,12 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
     records: list[dict] = []
     t_start = time.perf_counter()
-    parent = os.getppid()
+    launcher_alive = _launcher_watch()
+    torch.set_grad_enabled(True)  # an importer (e.g. lighteval) may have turned it off process-wide
     for step in range(1, tc.steps + 1):
-        if os.getppid() != parent:
+        if not launcher_alive():
             # The orchestrator died (e.g. SIGKILL): stop instead of writing into an abandoned dir.
-            raise SystemExit(f"parent process {parent} is gone; stopping at step {step}")
+            raise SystemExit(f"the launching process is gone; stopping at step {step}")
         t0 = time.perf_counter()
         lr = lr_at(step - 1, tc.steps, peak_lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
         for group in optimizer.param_groups:
