@@ -121,6 +121,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     _prepare(args.recipe)
     cmd = [sys.executable, "-m", "dagster", "dev", "-m", "assets.definitions", "-h", "127.0.0.1", "-p", str(args.port)]
     _err(f"Dagster UI on http://127.0.0.1:{args.port}  (Ctrl-C stops it)")
+    # Ctrl-C (or a SIGTERM) stops the whole tree, even if we were started with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     # Own process group + default SIGINT in the child: Ctrl-C reaches the whole tree.
     proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
