@@ -32,7 +32,9 @@ def build_curated(ctx: BuildContext) -> dict[str, Any]:
         curation=src.curation.model_dump(mode="json"),
         out_dir=ctx.out_dir,
         workers=ctx.foundry.workers,
+        logs_dir=ctx.logs_dir,
     )
+    ctx.log.info(f"{ctx.plan.label}: datatrove logs and step stats in {ctx.logs_dir}")
     ctx.log.info(f"{ctx.plan.label}: kept {counts['kept']:,} of {counts['documents']:,} documents")
     return counts
 

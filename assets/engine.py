@@ -43,6 +43,7 @@ class BuildContext:
     """What a builder gets: where to write, its inputs, the knobs, a logger."""
 
     plan: AssetPlan
+    key: str
     out_dir: Path
     upstream: dict[str, Upstream]
     foundry: FoundryResource
@@ -52,6 +53,11 @@ class BuildContext:
     @property
     def log(self):
         return self.dagster.log
+
+    @property
+    def logs_dir(self) -> Path:
+        """Run logs of this build, kept outside the hashed output (timings differ per run)."""
+        return self.foundry.store().root / "logs" / self.plan.kind / self.key
 
 
 # builder(ctx) -> counts to keep in the manifest; describer(manifest) -> UI metadata
@@ -99,7 +105,7 @@ def materialize(
         cache = "miss"
         context.log.info(f"{plan.label}: building {plan.kind}/{key}")
         with store.build(plan.kind, key, spec=plan.spec) as b:
-            ctx = BuildContext(plan, b.dir, upstream, foundry, context, b.counts)
+            ctx = BuildContext(plan, key, b.dir, upstream, foundry, context, b.counts)
             b.counts.update(build(ctx) or {})
         manifest = b.manifest
     else:

@@ -138,8 +138,12 @@ def run_curation(
     curation: dict[str, Any],
     out_dir: Path,
     workers: int,
+    logs_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Curate one source into out_dir/{docs,decisions}; returns counts."""
+    """Curate one source into out_dir/{docs,decisions}; returns counts.
+
+    datatrove's task logs and per-step stats go to logs_dir (default: beside out_dir, removed).
+    """
     steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
     for name in FILTERS:
         params = curation.get(name)
@@ -151,7 +155,10 @@ def run_curation(
     steps.append(
         JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl", compression=None, adapter=_adapter)
     )
-    logs = out_dir.parent / f"{out_dir.name}.logs"
+    keep_logs = logs_dir is not None
+    logs = Path(logs_dir) if keep_logs else out_dir.parent / f"{out_dir.name}.logs"
+    if keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)  # a previous, interrupted attempt of this key
     executor = LocalPipelineExecutor(
         pipeline=steps,
         tasks=shards,
@@ -160,7 +167,8 @@ def run_curation(
         skip_completed=False,
     )
     executor.run()
-    shutil.rmtree(logs, ignore_errors=True)
+    if not keep_logs:
+        shutil.rmtree(logs, ignore_errors=True)
     return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
 
 

@@ -236,3 +236,25 @@ def test_source_file_changes_are_detected(session, tmp_path):
     assert {"t4/raw_commoncrawl", "t4/curated_commoncrawl", "t4/tokenizer"} <= set(report["ran"])
     assert "t4/curated_fineweb" in report["untouched"]
     assert lineage.latest(session.instance, curated).data_version == before
+
+
+def test_automation_conditions_follow_the_recipe_policy(session):
+    """The sensor's conditions: a data asset whose spec changed is requested; a manual
+    checkpoint is not, even once its inputs update."""
+    from dagster import AssetKey, evaluate_automation_conditions
+
+    from assets.definitions import build_definitions, load_all
+
+    defs = build_definitions(load_all([session.path]))
+    result = evaluate_automation_conditions(defs=defs, instance=session.instance)
+    assert result.total_requested == 0  # everything is up to date
+
+    edited = copy.deepcopy(session.base)
+    edited["name"] = "t1"
+    edited["sources"]["fineweb"]["curation"]["fineweb_quality"]["short_line_thr"] = 0.5
+    edited["automation"] = {"training": "manual", "evaluation": "eager"}
+    defs2 = build_definitions(load_all([session.write(edited, "t1_automation")]))
+    result = evaluate_automation_conditions(defs=defs2, instance=session.instance, cursor=result.cursor)
+    assert result.get_num_requested(AssetKey(["t1", "curated_fineweb"])) == 1
+    assert result.get_num_requested(AssetKey(["t1", "curated_commoncrawl"])) == 0
+    assert result.get_num_requested(AssetKey(["t1", "checkpoint"])) == 0
