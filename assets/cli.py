@@ -58,8 +58,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
+        failed = f", {len(report.failed)} failed" if report.failed else ""
         _err(f"sync: {len(report.ran)} ran, {len(report.cache_hit)} cache hits, "
-             f"{len(report.untouched)} untouched in {report.seconds:.1f}s")
+             f"{len(report.untouched)} untouched{failed} in {report.seconds:.1f}s")
     if report.error:
         _err(f"error: {report.error}")
         return 1

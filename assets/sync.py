@@ -126,7 +126,8 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
             break
         report.rounds = round_no
         labels = [states[k].plan.label for k in todo]
-        echo(f"round {round_no}: " + ", ".join(labels))
+        fresh = sum(1 for s in states.values() if s.status == "fresh")
+        echo(f"round {round_no} [{fresh}/{len(states)} fresh]: " + ", ".join(labels))
         for k in todo:
             echo(f"  · {states[k].plan.label}: {states[k].reason}")
         t0 = time.time()

@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow.parquet as pq
 from dagster import MetadataValue, PipesSubprocessClient
 
+from training.reporting import FAILURE_FILE
+
 from .engine import BuildContext
 from .settings import PROJECT_ROOT
 from .store import Manifest, atomic_write_json
@@ -55,11 +57,17 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     run_file = ctx.out_dir.parent / f"{ctx.out_dir.name}.run.json"
     atomic_write_json(run_file, run_config(ctx, vocab_size))
     try:
-        invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
-            command=[sys.executable, "-m", "training.train", "--config", str(run_file)],
-            context=ctx.dagster,
-            env={"FOUNDRY_PARENT_PID": str(os.getpid())},
-        )
+        try:
+            invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
+                command=[sys.executable, "-m", "training.train", "--config", str(run_file)],
+                context=ctx.dagster,
+                env={"FOUNDRY_PARENT_PID": str(os.getpid())},
+            )
+        except Exception as err:  # Pipes says only "exit code 1"
+            failure = ctx.out_dir / FAILURE_FILE
+            if failure.is_file():  # the trainer's own one-line cause beats "exit code 1"
+                raise RuntimeError(f"{ctx.plan.label}: training failed: {failure.read_text().strip()}") from err
+            raise
         summary = {}
         for message in invocation.get_custom_messages():
             if isinstance(message, dict) and message.get("event") == "summary":

@@ -258,3 +258,19 @@ def test_automation_conditions_follow_the_recipe_policy(session):
     assert result.get_num_requested(AssetKey(["t1", "curated_fineweb"])) == 1
     assert result.get_num_requested(AssetKey(["t1", "curated_commoncrawl"])) == 0
     assert result.get_num_requested(AssetKey(["t1", "checkpoint"])) == 0
+
+
+def test_failed_training_reports_its_cause_and_publishes_nothing(session):
+    from assets.definitions import build_definitions, load_all
+    from assets.sync import sync
+
+    bad = copy.deepcopy(session.base)
+    bad["name"] = "t5"
+    bad["optimizer"] = {"lr": 1.0e6}  # diverges at once
+    loaded = load_all([session.write(bad)])
+    before = set((session.store / "checkpoint").iterdir())
+    report = sync(build_definitions(loaded), loaded, session.instance)
+    assert report.failed == ["t5/checkpoint"]
+    assert "TrainingDiverged" in report.error and "aborting the run" in report.error
+    assert {"t5/eval_report", "t5/data_stats"} <= set(report.untouched)  # nothing ran past the failure
+    assert set((session.store / "checkpoint").iterdir()) == before

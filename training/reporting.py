@@ -85,5 +85,9 @@ class PipesReporter(Reporter):
         self._pipes.close()
 
 
+# Written into out_dir when training fails: the one-line cause for the launcher to show.
+FAILURE_FILE = "FAILED.txt"
+
+
 def open_reporter() -> Reporter:
     return PipesReporter() if os.environ.get(PIPES_ENV_VAR) else StdoutReporter()

@@ -27,7 +27,7 @@ from training.config import RunConfig, load_run_config
 from training.data import MixtureTokenStream
 from training.model import Transformer, estimate_mfu
 from training.optim import build_optimizer, lr_at
-from training.reporting import Reporter, open_reporter
+from training.reporting import FAILURE_FILE, Reporter, open_reporter
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -211,7 +211,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     # Open the reporter first so that config errors, too, reach Dagster as a reported exception.
     with open_reporter() as reporter:
-        return train(load_run_config(args.config), reporter)
+        run = load_run_config(args.config)
+        try:
+            return train(run, reporter)
+        except Exception as err:
+            # One line the launcher can show as the cause, whatever channel carried the traceback.
+            failure = Path(run.out_dir) / FAILURE_FILE
+            failure.parent.mkdir(parents=True, exist_ok=True)
+            failure.write_text(f"{type(err).__name__}: {err}\n")
+            raise
 
 
 if __name__ == "__main__":
