@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for s in states.values():
         counts[s.status] = counts.get(s.status, 0) + 1
-        mark = {"fresh": "✓", "stale": "~", "missing": "·"}[s.status]
+        mark = {"fresh": "✓", "stale": "~", "missing": "·", "blocked": "✗"}[s.status]
         print(f"{mark} {s.plan.label:<{width}}  {s.status:<7}  {s.reason}".rstrip())
     print(", ".join(f"{n} {k}" for k, n in sorted(counts.items())))
     return 0

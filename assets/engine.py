@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
 
-from . import lineage
+from . import checks, lineage
 from .identity import store_key
 from .plan import AssetPlan
 from .resources import FoundryResource
@@ -122,7 +122,13 @@ def materialize(
     }
     metadata.update(describe(manifest))
     metadata.update(extra_metadata or {})
-    return MaterializeResult(metadata=metadata, data_version=DataVersion(manifest.data_version))
+    check_results, failed_blocking = checks.evaluate(plan, manifest)
+    if failed_blocking:
+        context.log.error(f"{plan.label}: blocking check failed: {'; '.join(failed_blocking)}")
+    # sync reads this to stop building downstream of a failed blocking check
+    metadata["blocking_checks_failed"] = MetadataValue.json(failed_blocking)
+    return MaterializeResult(metadata=metadata, data_version=DataVersion(manifest.data_version),
+                             check_results=check_results)
 
 
 def read_json(path: Path) -> Any:

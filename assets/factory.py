@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
 
-from . import automation
+from . import automation, checks
 from .curation import build_curated, curated_spec, describe_curated
 from .engine import Describer, Builder, materialize
 from .evaluation import build_eval_report, describe_eval_report
@@ -147,6 +147,7 @@ def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
         automation_condition=automation.condition_for(plan.kind, recipe.automation),
         kinds=KINDS[plan.kind],
         metadata={"foundry/kind": plan.kind},
+        check_specs=checks.specs_for(plan) or None,
     )
     def _asset(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
         return body(context, foundry)

@@ -34,7 +34,7 @@ from .store import ArtifactStore
 @dataclass
 class AssetState:
     plan: AssetPlan
-    status: str  # fresh | stale | missing
+    status: str  # fresh | stale | missing | blocked (an input failed a blocking check)
     reason: str = ""
     record: lineage.Record | None = None
     direct: bool = False  # stale for its own reason (runnable once its inputs are fresh)
@@ -60,6 +60,18 @@ def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, 
     return ""
 
 
+def _blocked_by(plan: AssetPlan, states: dict[AssetKey, AssetState]) -> str:
+    """Why this asset must not be built: an input failed a blocking check (or is blocked)."""
+    for up in plan.inputs.values():
+        st = states[up]
+        if st.status == "blocked":
+            return f"upstream {up.to_user_string()} is blocked"
+        failed = (st.record.metadata.get("blocking_checks_failed") or []) if st.record else []
+        if failed and st.status == "fresh":
+            return f"{up.to_user_string()} failed check {', '.join(failed)}"
+    return ""
+
+
 def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
                    store: ArtifactStore | None = None, root: Path | None = None) -> dict[AssetKey, AssetState]:
     store = store or ArtifactStore(store_root())
@@ -69,9 +81,15 @@ def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
         for plan in ra.plans.values():  # topological order
             rec = lineage.latest(instance, plan.key)
             if rec is None:
-                states[plan.key] = AssetState(plan, "missing", "never materialized", None, direct=True)
+                blocked = _blocked_by(plan, states)
+                states[plan.key] = (AssetState(plan, "blocked", blocked, None) if blocked else
+                                    AssetState(plan, "missing", "never materialized", None, direct=True))
                 continue
             reason = _direct_reason(plan, rec, states, store, root)
+            blocked = _blocked_by(plan, states)
+            if blocked:
+                states[plan.key] = AssetState(plan, "blocked", blocked, rec)
+                continue
             if reason:
                 states[plan.key] = AssetState(plan, "stale", reason, rec, direct=True)
                 continue
@@ -157,6 +175,10 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
             break
     else:
         report.error = f"still stale after {max_rounds} rounds"
+    blocked = [s for s in compute_states(instance, recipes).values() if s.status == "blocked"]
+    if blocked and not report.error:
+        report.error = "blocked by failed checks: " + "; ".join(f"{s.plan.label}: {s.reason}" for s in blocked)
+        echo(f"✗ {report.error}")
     all_labels = [p.label for ra in recipes for p in ra.plans.values()]
     report.untouched = [label for label in all_labels if label not in touched and label not in report.failed]
     report.seconds = time.time() - started

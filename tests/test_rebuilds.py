@@ -274,3 +274,22 @@ def test_failed_training_reports_its_cause_and_publishes_nothing(session):
     assert "TrainingDiverged" in report.error and "aborting the run" in report.error
     assert {"t5/eval_report", "t5/data_stats"} <= set(report.untouched)  # nothing ran past the failure
     assert set((session.store / "checkpoint").iterdir()) == before
+
+
+def test_blocking_check_stops_the_pipeline(session):
+    """A source whose filters drop everything fails `documents_kept`; nothing trains on it."""
+    from assets.definitions import build_definitions, load_all
+    from assets.sync import compute_states, sync
+
+    empty = copy.deepcopy(session.base)
+    empty["name"] = "t6"
+    empty["sources"]["commoncrawl"]["curation"]["gopher_quality"]["min_doc_words"] = 10**6
+    loaded = load_all([session.write(empty)])
+    report = sync(build_definitions(loaded), loaded, session.instance)
+    assert "documents_kept" in report.error and "t6/curated_commoncrawl" in report.error
+    assert "t6/curated_commoncrawl" in report.ran
+    assert {"t6/tokenized_commoncrawl", "t6/mixture", "t6/checkpoint"} <= set(report.untouched)
+    states = {s.plan.name: s for s in compute_states(session.instance, loaded).values()}
+    assert states["tokenized_commoncrawl"].status == "blocked"
+    assert states["checkpoint"].status == "blocked"
+    assert states["tokenized_fineweb"].status == "fresh"  # the other branch is fine
