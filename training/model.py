@@ -2,7 +2,8 @@
 
 Pre-norm RMSNorm blocks, rotary position embeddings (RoPE), grouped-query attention (GQA)
 through F.scaled_dot_product_attention, a SwiGLU MLP, a final RMSNorm and (by default) an
-output head tied to the token embedding.
+output head tied to the token embedding. `ModelConfig.kernels="triton"` routes RMSNorm, the SwiGLU
+activation and RoPE through the Triton kernels in `kernels/` (imported only then).
 
 Shape legend: B batch, T sequence length, C d_model, H query heads, K key/value heads,
 D head dim (C // H), F ffn hidden width, V vocab size.
@@ -11,11 +12,15 @@ D head dim (C // H), F ffn hidden width, V vocab size.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+KERNEL_CHOICES = ("reference", "triton")
 
 
 @dataclass
@@ -30,6 +35,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Which implementation runs RMSNorm, SwiGLU's activation and RoPE: "reference" (plain PyTorch)
+    # or "triton" (the fused kernels in `kernels/`, which fall back to the reference, with one
+    # warning, where no GPU driver or interpreter can run them). A runtime choice, not part of the
+    # model's identity: to_dict() leaves it out while it is the default.
+    kernels: str = "reference"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
@@ -43,6 +53,8 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"ModelConfig.kernels must be one of {list(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"ModelConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
@@ -61,7 +73,10 @@ class ModelConfig:
         return self.d_model // self.n_heads
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["kernels"] == "reference":
+            del d["kernels"]  # configs (and checkpoints) that never chose kernels look as before
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -76,13 +91,37 @@ class ModelConfig:
         return cls(**d)
 
 
+def resolve_kernel_ops(choice: str):
+    """The Triton ops for ModelConfig.kernels, or None for the PyTorch reference.
+
+    Triton is imported only here, and only for "triton". Where the kernels cannot run (no GPU
+    driver and no TRITON_INTERPRET=1, or triton missing), warns once and returns None.
+    """
+    if choice == "reference":
+        return None
+    import kernels
+
+    reason = kernels.triton_unavailable_reason()
+    if reason is not None:
+        warnings.warn(
+            f"ModelConfig.kernels='triton' but {reason}; the model runs the PyTorch reference ops instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return kernels.load_ops()
+
+
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ops=None):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.ops = ops  # Triton ops (kernels.load_ops()) or None for the reference below
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 so bf16/fp16 activations do not lose precision in the mean square.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
@@ -106,8 +145,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops=None):
         super().__init__()
+        self.ops = ops
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -119,7 +159,10 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.ops is not None:
+            q, k = self.ops.rope(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa lets each group of H/K query heads share one k/v head without materialising copies.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, D]
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
@@ -127,23 +170,26 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops=None):
         super().__init__()
+        self.ops = ops
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None:
+            return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, F] -> [B, T, C]
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ops=None):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.attn = Attention(cfg, ops)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.mlp = SwiGLU(cfg, ops)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -155,9 +201,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
+        # Triton ops or None (reference); decided once here, so a fallback warns once per model.
+        ops = resolve_kernel_ops(config.kernels)
+        self.uses_triton_kernels = ops is not None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.layers = nn.ModuleList(Block(config, ops) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps, ops)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # one tensor, two uses
