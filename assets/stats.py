@@ -26,9 +26,10 @@ STATS_DB = "stats.duckdb"
 TABLES: dict[str, dict[str, Any]] = {
     "curation": {
         "kind": "curated", "file": "decisions.parquet",
-        "columns": ["doc_id", "kept", "reason", "step", "chars", "words", "shard"],
+        "columns": ["doc_id", "kept", "reason", "step", "chars", "words", "shard", "language", "language_score"],
         "empty": "NULL::VARCHAR AS doc_id, NULL::BOOLEAN AS kept, NULL::VARCHAR AS reason, NULL::VARCHAR AS step, "
-                 "NULL::BIGINT AS chars, NULL::BIGINT AS words, NULL::INTEGER AS shard",
+                 "NULL::BIGINT AS chars, NULL::BIGINT AS words, NULL::INTEGER AS shard, "
+                 "NULL::VARCHAR AS language, NULL::DOUBLE AS language_score",
     },
     "tokens": {
         "kind": "tokenized", "file": "stats.parquet", "columns": ["documents", "tokens"],
@@ -103,6 +104,15 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _select_columns(path: Path, spec: dict[str, Any]) -> list[str]:
+    """The table's columns; one an older output lacks is a typed NULL (from the empty schema)."""
+    import pyarrow.parquet as pq
+
+    present = set(pq.read_schema(path).names)
+    typed = {part.rsplit(" AS ", 1)[1]: part.strip() for part in spec["empty"].split(",")}
+    return [c if c in present else typed[c] for c in spec["columns"]]
+
+
 def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
     selects: dict[str, list[str]] = {name: [] for name in TABLES}
     for e in entries:
@@ -110,7 +120,7 @@ def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
         path = store_root / e["file"]
         if not path.is_file():
             continue  # output deleted from the store: leave it out rather than break every query
-        cols = ", ".join(spec["columns"])
+        cols = ", ".join(_select_columns(path, spec))
         src = "" if e["table"] in ("train_metrics", "evals") else f"{_quote(e['source'] or '')} AS source, "
         if e["table"] == "mixture":
             src = ""  # mixture.parquet has its own source column

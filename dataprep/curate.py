@@ -1,8 +1,10 @@
 """Curation: a datatrove pipeline that keeps every decision as data.
 
-Pipeline (one datatrove task per output shard):
-    SourceReader -> Judged(GopherRepetition) -> Judged(GopherQuality) -> Judged(C4Quality)
-    -> Judged(FineWebQuality) -> DecisionSink -> JsonlWriter(kept documents)
+Pipeline (one datatrove task per output shard; the steps in brackets only when configured):
+    SourceReader -> [Extracted(Trafilatura), WARC sources] -> [Judged(URLFilter)]
+    -> [Judged(language ID)] -> Judged(GopherRepetition) -> Judged(GopherQuality)
+    -> Judged(C4Quality) -> Judged(FineWebQuality) -> [Formatted(PII)] -> DecisionSink
+    -> JsonlWriter(kept documents)
 
 datatrove's own filters decide; `Judged` only records *which* step dropped a document and
 why, instead of discarding it, so `DecisionSink` can write one row per input document.
@@ -25,11 +27,17 @@ from datatrove.pipeline.filters import (
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
+from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
+from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.batching import batched
 
 from .readers import CHARS_KEY, DROP_KEY, SHARD_KEY, SourceReader
+from .web import LANG_KEY, LANG_SCORE_KEY, STEP_KEY, Extracted, FastTextLanguageFilter, Formatted, OfflineURLFilter
+
+# Seconds Trafilatura may spend on one page before it is dropped as `extraction:timeout`.
+EXTRACTION_TIMEOUT = 10.0
 
 # Filter name in the recipe -> datatrove class. The order is FineWeb's.
 FILTERS: dict[str, type[BaseFilter]] = {
@@ -48,6 +56,8 @@ DECISION_SCHEMA = pa.schema(
         ("step", pa.string()),
         ("chars", pa.int64()),
         ("words", pa.int64()),
+        ("language", pa.string()),  # null unless the language step ran on the document
+        ("language_score", pa.float64()),
     ]
 )
 
@@ -85,7 +95,7 @@ class Judged(PipelineStep):
                 else:
                     self.stat_update("dropped", f"dropped_{reason}")
                     doc.metadata[DROP_KEY] = f"{self.step}:{reason or 'dropped'}"
-                    doc.metadata["foundry_step"] = self.step
+                    doc.metadata[STEP_KEY] = self.step
             yield from batch
 
 
@@ -103,7 +113,7 @@ class DecisionSink(PipelineStep):
         rows: dict[str, list] = {f.name: [] for f in DECISION_SCHEMA}
         for doc in data:
             drop = doc.metadata.pop(DROP_KEY, None)
-            step = doc.metadata.pop("foundry_step", None)
+            step = doc.metadata.pop(STEP_KEY, None)
             chars = doc.metadata.pop(CHARS_KEY, len(doc.text))
             shard = doc.metadata.pop(SHARD_KEY, rank)
             rows["doc_id"].append(doc.id)
@@ -113,6 +123,8 @@ class DecisionSink(PipelineStep):
             rows["step"].append(step or ("reader" if drop else None))
             rows["chars"].append(chars)
             rows["words"].append(len(doc.text.split()))
+            rows["language"].append(doc.metadata.pop(LANG_KEY, None))
+            rows["language_score"].append(doc.metadata.pop(LANG_SCORE_KEY, None))
             if drop is None:
                 self.stat_update("kept")
                 yield doc
@@ -126,6 +138,26 @@ class DecisionSink(PipelineStep):
 def _strip_internal(doc: Document) -> dict:
     meta = {k: v for k, v in doc.metadata.items() if not k.startswith("foundry_")}
     return {"id": doc.id, "text": doc.text, "metadata": meta}
+
+
+def curation_steps(
+    files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None, curation: dict[str, Any]
+) -> list[PipelineStep]:
+    """Reader, extraction and the configured steps in FineWeb's order (no sink, no writer)."""
+    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
+    if kind == "warc":
+        steps.append(Extracted(Trafilatura(timeout=EXTRACTION_TIMEOUT)))
+    if curation.get("url_filter") is not None:
+        steps.append(Judged("url_filter", OfflineURLFilter(**curation["url_filter"])))
+    if curation.get("language") is not None:
+        steps.append(Judged("language", FastTextLanguageFilter(**curation["language"])))
+    for name in FILTERS:
+        params = curation.get(name)
+        if params is not None:
+            steps.append(Judged(name, build_filter(name, params)))
+    if curation.get("pii") is not None:
+        steps.append(Formatted("pii", PIIFormatter(**curation["pii"])))
+    return steps
 
 
 def run_curation(
@@ -144,11 +176,7 @@ def run_curation(
 
     datatrove's task logs and per-step stats go to logs_dir (default: beside out_dir, removed).
     """
-    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
-    for name in FILTERS:
-        params = curation.get(name)
-        if params is not None:
-            steps.append(Judged(name, build_filter(name, params)))
+    steps = curation_steps(files, kind, text_key, id_key, limit, curation)
     steps.append(DecisionSink(str(out_dir / "decisions")))
     # Uncompressed output: gzip headers carry timestamps, which would make identical
     # content hash differently and wake up everything downstream.

@@ -40,7 +40,25 @@ def sample_texts(sources: list[dict], per_source: int, seed: int) -> list[str]:
                 j = rng.randrange(seen)
                 if j < per_source:
                     reservoir[j] = doc.text
+        if src["kind"] == "warc":
+            reservoir = extract_html(reservoir)  # sample pages first, extract only the sample
         texts.extend(reservoir)
+    return texts
+
+
+def extract_html(pages: list[str]) -> list[str]:
+    """Main text of HTML pages with datatrove's Trafilatura settings; pages with none are left out."""
+    from datatrove.pipeline.extractors import Trafilatura
+
+    extractor = Trafilatura()
+    texts = []
+    for html in pages:
+        try:
+            text = extractor.extract(html)
+        except Exception:  # a page trafilatura cannot parse is simply not sampled
+            continue
+        if text:
+            texts.append(text)
     return texts
 
 
