@@ -193,6 +193,15 @@ class ModelSpec(Strict):
     seq_len: int = Field(256, gt=0)
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    # Added after the first recipes were hashed: left out of the hashed spec while at their
+    # defaults (see hashed()), so recipes that do not use them keep their identity.
+    nope_every: int = Field(0, ge=0)  # every Nth layer skips RoPE (SmolLM3 uses 4); 0 = off
+    intra_doc_mask: bool = False  # packed documents do not attend across their EOS boundary
+    z_loss: float = Field(0.0, ge=0)  # coefficient on mean(logsumexp(logits)^2); 0 = off
+
+    def hashed(self) -> dict[str, Any]:
+        """The spec as hashed: optional fields at their defaults are left out (see above)."""
+        return _dump_without_defaults(self, MODEL_OPTIONAL_DEFAULTS)
 
     @model_validator(mode="after")
     def _heads_divide(self) -> "ModelSpec":
@@ -209,12 +218,58 @@ class ModelSpec(Strict):
         return self
 
 
+MODEL_OPTIONAL_DEFAULTS = {"nope_every": 0, "intra_doc_mask": False, "z_loss": 0.0}
+
+
+def _dump_without_defaults(spec: BaseModel, optional: dict[str, Any]) -> dict[str, Any]:
+    off = {name for name, default in optional.items() if getattr(spec, name) == default}
+    return spec.model_dump(mode="json", exclude=off)
+
+
+# Muon-only knobs and their defaults; with name: muon, unset ones are filled in (so writing a
+# default out or leaving it unset is the same recipe), with name: adamw they must stay unset.
+MUON_DEFAULTS: dict[str, Any] = {"momentum": 0.95, "nesterov": True, "ns_steps": 5}
+MUON_ONLY = ("momentum", "nesterov", "ns_steps", "adamw_lr")
+
+
 class OptimizerSpec(Strict):
-    name: Literal["adamw"] = "adamw"
-    lr: float = Field(3e-3, gt=0)
+    """AdamW, or Muon (hidden matrices) + AdamW (embeddings, head, norms); optional QK-clip."""
+
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = Field(3e-3, gt=0)  # with muon: the Muon groups' lr
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (with muon: its AdamW groups)
     eps: float = Field(1e-8, gt=0)
+    # muon only (see MUON_DEFAULTS); adamw_lr is the AdamW groups' lr, by default lr (Muon's
+    # updates are scaled to AdamW's RMS, so one lr suits both)
+    momentum: float | None = Field(None, ge=0, lt=1)
+    nesterov: bool | None = None
+    ns_steps: int | None = Field(None, gt=0)
+    adamw_lr: float | None = Field(None, gt=0)
+    # QK-clip (MuonClip): cap the max attention logit per head at tau; null = off. Any optimizer.
+    qk_clip_tau: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _muon_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("name") == "muon":
+            data = {**MUON_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+            data.setdefault("adamw_lr", data.get("lr", 3e-3))
+        return data
+
+    @model_validator(mode="after")
+    def _muon_only(self) -> "OptimizerSpec":
+        if self.name != "muon":
+            given = [k for k in MUON_ONLY if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for name: muon (this optimizer is {self.name})")
+        return self
+
+    def hashed(self) -> dict[str, Any]:
+        """The spec as hashed: fields that are unset (None) are left out, so AdamW recipes written
+        before Muon and QK-clip existed keep their identity."""
+        off = {name for name in (*MUON_ONLY, "qk_clip_tau") if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude=off)
 
 
 class TrainingSpec(Strict):
@@ -228,11 +283,25 @@ class TrainingSpec(Strict):
 
 
 class EvalSpec(Strict):
-    tasks: list[Literal["hellaswag", "arc_easy"]] = ["hellaswag", "arc_easy"]
+    tasks: list[str] = Field(["hellaswag", "arc_easy"],
+                             description="names from evaluation.tasks.TASK_SPECS: 'arc_easy' (cloze), 'arc_easy:mc'")
     max_items: int = Field(100, gt=0)
     heldout: Literal["wikitext2"] | None = "wikitext2"
     heldout_max_tokens: int = Field(50_000, gt=0)
     seed: int = 0
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_known(cls, tasks: list[str]) -> list[str]:
+        from evaluation.tasks import known_tasks  # cheap: lighteval is not imported there
+
+        known = known_tasks()
+        unknown = [t for t in tasks if t not in known]
+        if unknown:
+            raise ValueError(f"unknown eval task(s) {', '.join(map(repr, unknown))}; known tasks: {', '.join(known)}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"duplicate eval tasks in {tasks}")
+        return tasks
 
 
 class AutomationSpec(Strict):

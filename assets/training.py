@@ -24,22 +24,29 @@ from .store import Manifest, atomic_write_json
 
 def training_spec(recipe) -> dict[str, Any]:
     return {
-        "model": recipe.model.model_dump(mode="json"),
-        "optimizer": recipe.optimizer.model_dump(mode="json"),
+        # hashed(): fields added later are left out while unused, so old recipes keep their key
+        "model": recipe.model.hashed(),
+        "optimizer": recipe.optimizer.hashed(),
         "training": recipe.training.model_dump(mode="json"),
     }
 
 
-def run_config(ctx: BuildContext, vocab_size: int) -> dict[str, Any]:
+def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = None) -> dict[str, Any]:
     recipe = ctx.plan.context["recipe"]
     m, t = recipe.model, recipe.training
+    # Optional model features only when used, so RUN.json and config.json look as before otherwise.
+    optional = {k: v for k, v in m.hashed().items() if k in ("nope_every", "intra_doc_mask", "z_loss")}
+    if m.intra_doc_mask:
+        if eos_token_id is None:
+            raise ValueError("model.intra_doc_mask needs the tokenizer's EOS token id")
+        optional["eos_token_id"] = eos_token_id
     return {
         "model": {
             "vocab_size": vocab_size, "d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads,
             "n_kv_heads": m.n_kv_heads, "ffn_hidden": m.ffn_hidden, "max_seq_len": m.seq_len,
-            "rope_theta": m.rope_theta, "tie_embeddings": m.tie_embeddings,
+            "rope_theta": m.rope_theta, "tie_embeddings": m.tie_embeddings, **optional,
         },
-        "optimizer": recipe.optimizer.model_dump(mode="json"),
+        "optimizer": recipe.optimizer.hashed(),
         "training": {
             "steps": t.steps, "batch_size": t.batch_size, "seq_len": m.seq_len, "warmup_steps": t.warmup_steps,
             "schedule": t.schedule, "grad_clip": t.grad_clip, "seed": t.seed, "log_every": t.log_every,
@@ -51,11 +58,12 @@ def run_config(ctx: BuildContext, vocab_size: int) -> dict[str, Any]:
 
 
 def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
-    from dataprep.tokenize import load_tokenizer
+    from dataprep.tokenize import EOS, load_tokenizer
 
-    vocab_size = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json").get_vocab_size()
+    tokenizer = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json")
+    vocab_size = tokenizer.get_vocab_size()
     run_file = ctx.out_dir.parent / f"{ctx.out_dir.name}.run.json"
-    atomic_write_json(run_file, run_config(ctx, vocab_size))
+    atomic_write_json(run_file, run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)))
     try:
         try:
             invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(

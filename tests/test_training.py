@@ -292,8 +292,8 @@ def test_build_optimizer_groups_and_errors():
     assert not any(p is model.embed.weight for p in decay["params"])
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == model.num_params()
-    with pytest.raises(ValueError, match=r"unknown optimizer name 'muon'; supported: \['adamw'\]"):
-        build_optimizer(model, {"name": "muon", "lr": 1e-3})
+    with pytest.raises(ValueError, match=r"unknown optimizer name 'shampoo'; supported: \['adamw', 'muon'\]"):
+        build_optimizer(model, {"name": "shampoo", "lr": 1e-3})
     with pytest.raises(ValueError, match="unknown field"):
         build_optimizer(model, {"name": "adamw", "lr": 1e-3, "momentum": 0.9})
 
@@ -333,7 +333,7 @@ def test_train_main_end_to_end(tmp_path, capsys):
     ]
 
     table = pq.read_table(out / "metrics.parquet")
-    assert table.column_names == ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"]
+    assert table.column_names == ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "max_attn_logit"]
     assert table.num_rows == 20
     m = table.to_pydict()
     assert m["step"] == list(range(1, 21))

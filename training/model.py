@@ -5,6 +5,18 @@ through F.scaled_dot_product_attention, a SwiGLU MLP, a final RMSNorm and (by de
 output head tied to the token embedding. `ModelConfig.kernels="triton"` routes RMSNorm, the SwiGLU
 activation and RoPE through the Triton kernels in `kernels/` (imported only then).
 
+Optional, all off by default (a config that does not set them trains exactly as before):
+
+* ``nope_every = N``: every Nth layer (1-based: layers N, 2N, ...) skips RoPE (SmolLM3-style NoPE).
+* ``intra_doc_mask``: documents packed into one sequence do not attend across their boundary.
+  A document ends with (and includes) ``eos_token_id``; the token after an EOS starts a new
+  document. Positions restart at 0 in every document, so a document's logits are those it gets
+  when run alone (up to float rounding). Attention then runs SDPA with an explicit boolean mask.
+* ``z_loss = coef``: adds ``coef * mean(logsumexp(logits)**2)`` over the scored tokens.
+* Max attention logit tracking (``Transformer.track_max_logit = True``, a runtime switch, not
+  config): each attention layer records the max pre-softmax logit per query head, computed under
+  no_grad, for QK-clip (`training.qk_clip`) and for logging.
+
 Shape legend: B batch, T sequence length, C d_model, H query heads, K key/value heads,
 D head dim (C // H), F ffn hidden width, V vocab size.
 """
@@ -40,6 +52,12 @@ class ModelConfig:
     # warning, where no GPU driver or interpreter can run them). A runtime choice, not part of the
     # model's identity: to_dict() leaves it out while it is the default.
     kernels: str = "reference"
+    # Added after the first checkpoints: to_dict() leaves each out while it is at its default
+    # (OPTIONAL_DEFAULTS), so configs and checkpoints that never set them look as before.
+    nope_every: int = 0  # every Nth layer skips RoPE; 0 = RoPE in every layer
+    intra_doc_mask: bool = False  # no attention across EOS boundaries (needs eos_token_id)
+    eos_token_id: int | None = None  # the document separator token
+    z_loss: float = 0.0  # coefficient on mean(logsumexp(logits)^2); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
@@ -53,6 +71,21 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"ModelConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        if not isinstance(self.nope_every, int) or isinstance(self.nope_every, bool) or self.nope_every < 0:
+            raise ValueError(f"ModelConfig.nope_every must be an integer >= 0 (0 = off), got {self.nope_every!r}")
+        if not isinstance(self.intra_doc_mask, bool):
+            raise ValueError(f"ModelConfig.intra_doc_mask must be true or false, got {self.intra_doc_mask!r}")
+        if self.eos_token_id is not None and (
+            not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool)
+            or not 0 <= self.eos_token_id < self.vocab_size
+        ):
+            raise ValueError(
+                f"ModelConfig.eos_token_id must be a token id in [0, vocab_size={self.vocab_size}), got {self.eos_token_id!r}"
+            )
+        if self.intra_doc_mask and self.eos_token_id is None:
+            raise ValueError("ModelConfig.intra_doc_mask needs eos_token_id (the document separator)")
+        if not isinstance(self.z_loss, (int, float)) or isinstance(self.z_loss, bool) or not self.z_loss >= 0:
+            raise ValueError(f"ModelConfig.z_loss must be a number >= 0 (0 = off), got {self.z_loss!r}")
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"ModelConfig.kernels must be one of {list(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.d_model % self.n_heads != 0:
@@ -72,10 +105,17 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def uses_rope(self, layer: int) -> bool:
+        """Whether 0-based `layer` applies RoPE; with nope_every = N, layers N-1, 2N-1, ... do not."""
+        return self.nope_every == 0 or (layer + 1) % self.nope_every != 0
+
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["kernels"] == "reference":
-            del d["kernels"]  # configs (and checkpoints) that never chose kernels look as before
+        # Fields left out at their default, so configs (and checkpoints) that never chose them
+        # look as before.
+        for name, default in OPTIONAL_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -89,6 +129,33 @@ class ModelConfig:
         if "vocab_size" not in d:
             raise ValueError("ModelConfig.vocab_size is required")
         return cls(**d)
+
+
+OPTIONAL_DEFAULTS = {"kernels": "reference", "nope_every": 0, "intra_doc_mask": False, "eos_token_id": None, "z_loss": 0.0}
+
+
+def document_ids(idx: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """[B, T] index of the packed document each token belongs to; an EOS ends (and belongs to) its document."""
+    is_eos = (idx == eos_token_id).long()  # [B, T]
+    return torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before t
+
+
+def document_positions(doc: torch.Tensor) -> torch.Tensor:
+    """[B, T] position of each token within its document (0 at each document's first token)."""
+    B, T = doc.shape
+    t = torch.arange(T, device=doc.device).expand(B, T)  # [B, T]
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    start_pos = torch.where(starts, t, torch.zeros_like(t))
+    return t - torch.cummax(start_pos, dim=1).values  # distance to the latest document start
+
+
+def document_mask(doc: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean attention mask (True = may attend): causal and within one document."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()  # [T, T]
+    same_doc = doc[:, :, None] == doc[:, None, :]  # [B, T, T]
+    return (same_doc & causal)[:, None]  # [B, 1, T, T]
 
 
 def resolve_kernel_ops(choice: str):
@@ -138,35 +205,60 @@ def rope_cache(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, heads, T, D]; cos/sin: [T, D]. Rotate-half pairs dimension i with i + D/2.
+    # x: [B, heads, T, D]; cos/sin: [T, D] (or [B, 1, T, D] for per-document positions).
+    # Rotate-half pairs dimension i with i + D/2.
     x1, x2 = x.chunk(2, dim=-1)  # 2 x [B, heads, T, D/2]
     rotated = torch.cat([-x2, x1], dim=-1)  # [B, heads, T, D]
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops=None):
+    def __init__(self, cfg: ModelConfig, ops=None, use_rope: bool = True):
         super().__init__()
         self.ops = ops
+        self.use_rope = use_rope  # False in NoPE layers
+        self.track_max_logit = False  # set by Transformer.track_max_logit
+        self.max_logit: torch.Tensor | None = None  # [H] float32, from the last tracked forward
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # mask: None = causal; else [B, 1, T, T] boolean (True = may attend), cos/sin then [B, 1, T, D].
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        if self.ops is not None:
+        if not self.use_rope:
+            pass  # NoPE layer: position comes only from the causal mask
+        elif self.ops is not None and cos.dim() == 2:
             q, k = self.ops.rope(q, k, cos, sin)
-        else:
+        else:  # the reference also serves per-document positions, which the kernel does not take
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.track_max_logit:
+            self.max_logit = self._max_logit(q, k, mask)
         # enable_gqa lets each group of H/K query heads share one k/v head without materialising copies.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)  # [B, H, T, D]
+        gqa = self.n_kv_heads != self.n_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # [B, H, T, D]
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # [B, H, T, D]
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # [B, T, C]
         return self.o_proj(y)
+
+    @torch.no_grad()
+    def _max_logit(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """[H] max over batch and allowed (query, key) pairs of the pre-softmax logit q.k / sqrt(D)."""
+        B, H, T, D = q.shape
+        qg = q.float().view(B, self.n_kv_heads, H // self.n_kv_heads, T, D)  # [B, K, G, T, D]
+        scores = torch.einsum("bkgtd,bksd->bkgts", qg, k.float()) / math.sqrt(D)  # [B, K, G, T, T]
+        allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() if mask is None else mask[:, :, None]
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.amax(dim=(0, 3, 4)).reshape(H)  # query head h = kv head h // G, member h % G
 
 
 class SwiGLU(nn.Module):
@@ -184,15 +276,17 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops=None):
+    def __init__(self, cfg: ModelConfig, ops=None, use_rope: bool = True):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
-        self.attn = Attention(cfg, ops)
+        self.attn = Attention(cfg, ops, use_rope)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
         self.mlp = SwiGLU(cfg, ops)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         x = x + self.mlp(self.mlp_norm(x))
         return x
 
@@ -205,7 +299,7 @@ class Transformer(nn.Module):
         ops = resolve_kernel_ops(config.kernels)
         self.uses_triton_kernels = ops is not None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, ops) for _ in range(config.n_layers))
+        self.layers = nn.ModuleList(Block(config, ops, config.uses_rope(i)) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps, ops)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -237,18 +331,43 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len ({self.config.max_seq_len})")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # [T, D]
+        mask = None  # causal (SDPA's is_causal path)
+        if self.config.intra_doc_mask:
+            doc = document_ids(idx, self.config.eos_token_id)  # [B, T]
+            mask = document_mask(doc)  # [B, 1, T, T]
+            pos = document_positions(doc)  # [B, T]
+            cos, sin = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None]  # [B, 1, T, D]
+        else:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # [T, D]
         x = self.embed(idx)  # [B, T, C]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            x = layer(x, cos, sin, mask)
         x = self.norm(x)
         logits = self.lm_head(x)  # [B, T, V]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().view(B * T, -1), targets.reshape(B * T), ignore_index=-100
-            )
+            flat = logits.float().view(B * T, -1)  # [B*T, V]
+            loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=-100)
+            if self.config.z_loss > 0:
+                loss = loss + self.config.z_loss * z_loss_term(flat, targets.reshape(B * T))
         return logits, loss
+
+    @property
+    def track_max_logit(self) -> bool:
+        return any(layer.attn.track_max_logit for layer in self.layers)
+
+    @track_max_logit.setter
+    def track_max_logit(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.attn.track_max_logit = bool(on)
+            layer.attn.max_logit = None
+
+    def max_attn_logits(self) -> list[float] | None:
+        """Per layer, the max attention logit (over heads) of the last tracked forward; None if untracked."""
+        values = [layer.attn.max_logit for layer in self.layers]
+        if any(v is None for v in values):
+            return None
+        return [float(v.max()) for v in values]
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         # parameters() yields a tied tensor once, so tied embeddings are not double counted.
@@ -269,6 +388,16 @@ class Transformer(nn.Module):
         cfg = self.config
         n_matmul = self.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
         return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def z_loss_term(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean(logsumexp(logits)^2) over tokens whose target is not -100 (PaLM's z-loss, without its coefficient).
+
+    logits: [N, V] float32, targets: [N].
+    """
+    lse = torch.logsumexp(logits, dim=-1)  # [N]
+    keep = targets != -100
+    return (lse[keep] ** 2).sum() / keep.sum().clamp(min=1)
 
 
 def estimate_mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

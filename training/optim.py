@@ -49,11 +49,35 @@ def _build_adamw(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     )
 
 
-# name -> builder. A new optimizer (e.g. "muon", which needs its own matrix/non-matrix split)
-# is added by writing a builder and registering it here.
+def _build_muon(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
+    from training.muon import build_muon
+
+    return build_muon(model, cfg)
+
+
+# name -> builder(model, cfg). A new optimizer is added by writing a builder and registering it
+# here. A builder gets the config without the keys every optimizer shares (COMMON_FIELDS) and
+# makes its own parameter split (Muon: hidden matrices vs the rest). Shampoo/SOAP would follow
+# Muon's pattern: one torch.optim.Optimizer whose groups say which update rule they take, so
+# the trainer, the lr schedule (per-group peak lr) and checkpointing need nothing new.
 OPTIMIZERS: dict[str, Callable[[nn.Module, dict], torch.optim.Optimizer]] = {
     "adamw": _build_adamw,
+    "muon": _build_muon,
 }
+
+# Keys any optimizer config may carry, handled by the trainer rather than the optimizer.
+# qk_clip_tau: QK-clip threshold on the max attention logit (None / absent = off); see training.qk_clip.
+COMMON_FIELDS = ("qk_clip_tau",)
+
+
+def qk_clip_tau(cfg: dict) -> float | None:
+    """The QK-clip threshold of an optimizer config, validated; None when off."""
+    tau = cfg.get("qk_clip_tau") if isinstance(cfg, dict) else None
+    if tau is None:
+        return None
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not tau > 0:
+        raise ValueError(f"qk_clip_tau must be a positive number or null, got {tau!r}")
+    return float(tau)
 
 
 def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -62,7 +86,8 @@ def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
     name = cfg.get("name")
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer name {name!r}; supported: {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[name](model, cfg)
+    qk_clip_tau(cfg)  # validate
+    return OPTIMIZERS[name](model, {k: v for k, v in cfg.items() if k not in COMMON_FIELDS})
 
 
 SCHEDULES = ("cosine", "constant", "wsd")

@@ -26,7 +26,8 @@ from training.checkpoint import save_checkpoint
 from training.config import RunConfig, load_run_config
 from training.data import MixtureTokenStream
 from training.model import Transformer, estimate_mfu
-from training.optim import build_optimizer, lr_at
+from training.optim import build_optimizer, lr_at, qk_clip_tau
+from training.qk_clip import apply_qk_clip
 from training.reporting import FAILURE_FILE, Reporter, open_reporter
 
 METRICS_SCHEMA = pa.schema(
@@ -37,6 +38,7 @@ METRICS_SCHEMA = pa.schema(
         ("lr", pa.float64()),
         ("grad_norm", pa.float64()),  # global norm before clipping
         ("tokens_per_s", pa.float64()),
+        ("max_attn_logit", pa.float64()),  # max over layers and heads; null unless tracked (QK-clip on)
     ]
 )
 
@@ -99,9 +101,15 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     model.train()
     try:
         optimizer = build_optimizer(model, run.optimizer)
+        tau = qk_clip_tau(run.optimizer)
     except ValueError as e:
         raise ValueError(f"{run.source}: optimizer: {e}") from e
-    peak_lr = optimizer.param_groups[0]["lr"]
+    # Groups may have their own peak lr (Muon's AdamW groups); the schedule scales each alike.
+    # The first group's lr is the one logged.
+    for group in optimizer.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+    peak_lr = optimizer.param_groups[0]["peak_lr"]
+    model.track_max_logit = tau is not None  # the max logit costs one extra q.k per layer
     stream = MixtureTokenStream(
         run.mixture_dir, tc.batch_size, tc.seq_len, rank=rank, world_size=world_size, vocab_size=run.model.vocab_size
     )
@@ -127,7 +135,7 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
         t0 = time.perf_counter()
         lr = lr_at(step - 1, tc.steps, peak_lr, tc.warmup_steps, tc.schedule, tc.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr if group["peak_lr"] == peak_lr else group["peak_lr"] * lr / peak_lr
 
         x, y = stream.next_batch()  # [B, T] each
         x, y = x.to(tc.device), y.to(tc.device)
@@ -142,6 +150,9 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4f}); aborting the run")
         optimizer.step()
+        layer_logits = model.max_attn_logits()  # per layer, from this step's forward; None if untracked
+        if tau is not None:
+            apply_qk_clip(model, tau)
 
         dt = time.perf_counter() - t0
         record = {
@@ -151,14 +162,17 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_step / dt,
+            "max_attn_logit": max(layer_logits) if layer_logits else None,
         }
         records.append(record)
         if step % tc.log_every == 0 or step == 1 or step == tc.steps:
+            logit_note = "" if layer_logits is None else " | max_logit " + " ".join(f"{v:.1f}" for v in layer_logits)
             reporter.log(
                 f"step {step}/{tc.steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} "
-                f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}"
+                f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}{logit_note}"
             )
-            reporter.metrics(record)
+            extra = {} if layer_logits is None else {"max_attn_logit_per_layer": layer_logits}
+            reporter.metrics({**record, **extra})
     seconds = time.perf_counter() - t_start
 
     tokens = tc.steps * tokens_per_step
