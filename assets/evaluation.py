@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -12,7 +13,9 @@ from dagster import MetadataValue
 from .engine import BuildContext
 from .store import Manifest, atomic_write_json
 
-EVAL_COLUMNS = ["task", "metric", "value", "stderr", "n_items"]
+EVAL_COLUMNS = ["task", "metric", "value", "stderr", "n_items", "form"]  # form: cloze | mc | heldout
+# per-item results (details.parquet): item is the 0-based row of the task's source file
+DETAIL_COLUMNS = ["task", "form", "item", "pred", "gold", "correct", "correct_norm"]
 
 
 def build_eval_report(ctx: BuildContext) -> dict[str, Any]:
@@ -35,29 +38,42 @@ def build_eval_report(ctx: BuildContext) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = result["rows"]
-    pq.write_table(
-        pa.table({c: [r.get(c) for r in rows] for c in EVAL_COLUMNS},
-                 schema=pa.schema([("task", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
-                                   ("stderr", pa.float64()), ("n_items", pa.int64())])),
-        ctx.out_dir / "evals.parquet",
-    )
-    details = result.get("details") or []
-    if details:
-        cols = ["task", "item", "pred", "gold", "correct"]
-        pq.write_table(pa.table({c: [d.get(c) for d in details] for c in cols}), ctx.out_dir / "details.parquet")
+    write_eval_tables(ctx.out_dir, rows, result.get("details") or [])
     atomic_write_json(ctx.out_dir / "report.json", {"rows": rows})
     for r in rows:
         ctx.log.info(f"{ctx.plan.label}: {r['task']} {r['metric']} = {r['value']:.4f} (n={r['n_items']})")
     return {"rows": rows}
 
 
+def write_eval_tables(out_dir: Path, rows: list[dict], details: list[dict]) -> None:
+    """evals.parquet (one row per task x metric) and, when there are any, details.parquet
+    (one row per task x item) — the files behind the `evals` and `eval_items` tables."""
+    pq.write_table(
+        pa.table({c: [r.get(c) for r in rows] for c in EVAL_COLUMNS},
+                 schema=pa.schema([("task", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
+                                   ("stderr", pa.float64()), ("n_items", pa.int64()), ("form", pa.string())])),
+        out_dir / "evals.parquet",
+    )
+    if details:
+        pq.write_table(
+            pa.table({c: [d.get(c) for d in details] for c in DETAIL_COLUMNS},
+                     schema=pa.schema([("task", pa.string()), ("form", pa.string()), ("item", pa.int64()),
+                                       ("pred", pa.int64()), ("gold", pa.int64()), ("correct", pa.bool_()),
+                                       ("correct_norm", pa.bool_())])),
+            out_dir / "details.parquet",
+        )
+
+
 def describe_eval_report(manifest: Manifest) -> dict[str, Any]:
     rows = manifest.counts.get("rows", [])
     table = "\n".join(
-        f"| {r['task']} | {r['metric']} | {r['value']:.4f} | {_stderr(r)} | {r['n_items']:,} |" for r in rows
+        f"| {r['task']} | {r.get('form', '')} | {r['metric']} | {r['value']:.4f} | {_stderr(r)} | {r['n_items']:,} |"
+        for r in rows
     )
     meta: dict[str, Any] = {
-        "scores": MetadataValue.md("| task | metric | value | stderr | items |\n|---|---|---:|---:|---:|\n" + table)
+        "scores": MetadataValue.md(
+            "| task | form | metric | value | stderr | items |\n|---|---|---|---:|---:|---:|\n" + table
+        )
     }
     for r in rows:
         meta[f"{r['task']}/{r['metric']}"] = float(r["value"])

@@ -26,8 +26,8 @@ LOGIC_VERSIONS: dict[str, str] = {
     "tokenized": "tokenized-1",
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",
-    "eval_report": "eval-1",
-    "data_stats": "stats-1",
+    "eval_report": "eval-2",  # 2: form column, per-item details.parquet
+    "data_stats": "stats-2",  # 2: eval_items table
 }
 
 

@@ -45,17 +45,29 @@ TABLES: dict[str, dict[str, Any]] = {
     },
     "train_metrics": {
         "kind": "checkpoint", "file": "metrics.parquet",
-        "columns": ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s"],
+        "columns": ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "max_attn_logit"],
         "empty": "NULL::BIGINT AS step, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS lr, "
-                 "NULL::DOUBLE AS grad_norm, NULL::DOUBLE AS tokens_per_s",
+                 "NULL::DOUBLE AS grad_norm, NULL::DOUBLE AS tokens_per_s, NULL::DOUBLE AS max_attn_logit",
     },
     "evals": {
-        "kind": "eval_report", "file": "evals.parquet", "columns": ["task", "metric", "value", "stderr", "n_items"],
-        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS metric, NULL::DOUBLE AS value, NULL::DOUBLE AS stderr, "
-                 "NULL::BIGINT AS n_items",
+        "kind": "eval_report", "file": "evals.parquet",
+        "columns": ["task", "form", "metric", "value", "stderr", "n_items"],
+        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS form, NULL::VARCHAR AS metric, NULL::DOUBLE AS value, "
+                 "NULL::DOUBLE AS stderr, NULL::BIGINT AS n_items",
+    },
+    "eval_items": {
+        "kind": "eval_report", "file": "details.parquet",
+        "columns": ["task", "form", "item", "pred", "gold", "correct", "correct_norm"],
+        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS form, NULL::BIGINT AS item, NULL::BIGINT AS pred, "
+                 "NULL::BIGINT AS gold, NULL::BOOLEAN AS correct, NULL::BOOLEAN AS correct_norm",
     },
 }
-KIND_TO_TABLE = {spec["kind"]: name for name, spec in TABLES.items()}
+# producing kind -> its tables (an eval report feeds both evals and eval_items)
+KIND_TO_TABLES: dict[str, list[str]] = {}
+for _name, _spec in TABLES.items():
+    KIND_TO_TABLES.setdefault(_spec["kind"], []).append(_name)
+# tables whose rows carry no per-source column
+NO_SOURCE_TABLES = ("mixture", "train_metrics", "evals", "eval_items")
 
 
 def build_data_stats(ctx: BuildContext) -> dict[str, Any]:
@@ -64,15 +76,13 @@ def build_data_stats(ctx: BuildContext) -> dict[str, Any]:
     entries = []
     for role in sorted(ctx.upstream):
         up = ctx.upstream[role]
-        table = KIND_TO_TABLE.get(up.manifest.kind)
-        if table is None:
-            continue
-        parquet = up.dir / TABLES[table]["file"]
-        if not parquet.is_file():
-            continue
-        source = role.split("_", 1)[1] if role.startswith(("curated_", "tokenized_")) else None
-        entries.append({"table": table, "recipe": recipe, "source": source,
-                        "file": f"{up.manifest.kind}/{up.manifest.key}/{TABLES[table]['file']}"})
+        for table in KIND_TO_TABLES.get(up.manifest.kind, []):
+            parquet = up.dir / TABLES[table]["file"]
+            if not parquet.is_file():
+                continue  # e.g. an eval report built before details.parquet existed
+            source = role.split("_", 1)[1] if role.startswith(("curated_", "tokenized_")) else None
+            entries.append({"table": table, "recipe": recipe, "source": source,
+                            "file": f"{up.manifest.kind}/{up.manifest.key}/{TABLES[table]['file']}"})
     atomic_write_json(ctx.out_dir / "tables.json", entries)
     return {"tables": sorted({e["table"] for e in entries}), "files": len(entries)}
 
@@ -121,9 +131,8 @@ def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
         if not path.is_file():
             continue  # output deleted from the store: leave it out rather than break every query
         cols = ", ".join(_select_columns(path, spec))
-        src = "" if e["table"] in ("train_metrics", "evals") else f"{_quote(e['source'] or '')} AS source, "
-        if e["table"] == "mixture":
-            src = ""  # mixture.parquet has its own source column
+        # mixture.parquet has its own source column; the other NO_SOURCE_TABLES have none
+        src = "" if e["table"] in NO_SOURCE_TABLES else f"{_quote(e['source'] or '')} AS source, "
         selects[e["table"]].append(
             f"SELECT {_quote(e['recipe'])} AS recipe, {src}{cols} FROM read_parquet({_quote(str(path))})"
         )

@@ -13,12 +13,15 @@ Scoring of one (context, continuation) request:
   * if the sequence is longer than ``max_seq_len + 1`` it is cut from the left (context
     first; a continuation longer than the window keeps its last tokens);
   * log P(continuation | context) is the sum of the continuation tokens' log-probs.
+Partial scoring (WinoGrande): a doc whose ``specific["contexts"]`` is set scores choice i as
+the (shared) continuation ``choices[i]`` after the context ``contexts[i]``.
 Requests are sorted by length and run in right-padded batches (padding on the right of a
 causal model cannot change the positions that are scored).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -157,8 +160,14 @@ class FoundryLightevalModel(LightevalModel):
     def loglikelihood(self, docs: list[Doc]) -> list[ModelResponse]:
         requests: list[_Request] = []
         for d, doc in enumerate(docs):
-            context = self.context_for(doc)
-            for c, choice in enumerate(doc.choices):
+            partial = (doc.specific or {}).get("contexts")
+            if partial:  # partial scoring: choice c is context c, the continuation is shared
+                if len(partial) != len(doc.choices):
+                    raise ValueError(f"doc {doc.id}: {len(partial)} contexts for {len(doc.choices)} choices")
+                contexts = [self.context_for(dataclasses.replace(doc, query=q)) for q in partial]
+            else:
+                contexts = [self.context_for(doc)] * len(doc.choices)
+            for c, (context, choice) in enumerate(zip(contexts, doc.choices)):
                 ctx, cont = self.encode_pair(context, choice)
                 requests.append(_Request(d, c, ctx, cont))
         scores = self.score_requests([(r.context, r.continuation) for r in requests])

@@ -41,24 +41,33 @@ def _checkpoint_id(ckpt_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _details_rows(task: str, details: list) -> list[dict]:
+def _details_rows(spec, details: list) -> list[dict]:
+    """Per-item rows: task, form, item (0-based source index), pred, gold, correct, correct_norm."""
     rows = []
     for det in details:
         doc, resp = det.doc, det.model_response
-        lps = list(resp.logprobs)
-        norm = [lp / len(c) for lp, c in zip(lps, doc.choices)]
-        pred = max(range(len(lps)), key=lps.__getitem__)
-        pred_norm = max(range(len(norm)), key=norm.__getitem__)
+        lps = list(resp.logprobs)[: len(doc.choices)]
         gold = doc.gold_index if isinstance(doc.gold_index, int) else doc.gold_index[0]
+        if spec.scoring == "last_word":
+            correct = bool(det.metric.get("acc", any(resp.argmax_logits_eq_gold)))
+            pred = pred_norm = gold if correct else -1  # -1: the greedy continuation is something else
+            correct_norm = correct
+        else:
+            norm = [lp / len(c) for lp, c in zip(lps, doc.choices)]
+            pred = max(range(len(lps)), key=lps.__getitem__)
+            pred_norm = max(range(len(norm)), key=norm.__getitem__)
+            correct = bool(det.metric.get("acc", pred == gold))
+            correct_norm = bool(det.metric.get("acc_norm", pred_norm == gold))
         rows.append(
             {
-                "task": task,
+                "task": spec.name,
+                "form": spec.form,
                 "item": int((doc.specific or {}).get("source_index", int(doc.id))),
                 "pred": pred,
                 "pred_norm": pred_norm,
                 "gold": gold,
-                "correct": bool(det.metric.get("acc", pred == gold)),
-                "correct_norm": bool(det.metric.get("acc_norm", pred_norm == gold)),
+                "correct": correct,
+                "correct_norm": correct_norm,
                 "logprobs": lps,
             }
         )
@@ -84,7 +93,7 @@ def run_lighteval(
     ``lighteval_model`` overrides the wrapper built from model/tokenizer (tests use it).
     """
     set_offline_env()
-    check_tasks(tasks)
+    specs = check_tasks(tasks)
     import numpy as np
     import torch
 
@@ -99,7 +108,7 @@ def run_lighteval(
 
     from evaluation.lighteval_model import FoundryLightevalModel, FoundryModelConfig
     from evaluation.offline_registry import custom_tasks_only, make_tasks_module
-    from evaluation.tasks import build_task_configs
+    from evaluation.tasks import build_task_configs, lighteval_name
 
     work_dir = Path(work_dir)
     configs = build_task_configs(tasks, data_root, work_dir / "datasets", max_items, seed)
@@ -127,7 +136,7 @@ def run_lighteval(
         )
         with custom_tasks_only():
             pipeline = Pipeline(
-                tasks=",".join(f"{t}|0" for t in tasks),
+                tasks=",".join(f"{lighteval_name(t)}|0" for t in tasks),
                 pipeline_parameters=params,
                 evaluation_tracker=tracker,
                 model=lighteval_model,
@@ -142,22 +151,23 @@ def run_lighteval(
         torch.set_grad_enabled(grad_mode)
 
     rows, item_rows = [], []
-    for task in tasks:
-        key = f"{task}|0"
-        task_details = details.get(key, [])
+    for spec in specs:
+        name = lighteval_name(spec.name)
+        task_details = details.get(f"{name}|0", [])
         n = len(task_details)
-        res = results[f"{task}:0"]
-        for metric in ("acc", "acc_norm"):
+        res = results[f"{name}:0"]
+        for metric in spec.metrics:
             rows.append(
                 {
-                    "task": task,
+                    "task": spec.name,
+                    "form": spec.form,
                     "metric": metric,
                     "value": float(res[metric]),
                     "stderr": float(res.get(f"{metric}_stderr", float("nan"))),
                     "n_items": n,
                 }
             )
-        item_rows.extend(_details_rows(task, task_details))
+        item_rows.extend(_details_rows(spec, task_details))
     return rows, item_rows
 
 
@@ -184,9 +194,10 @@ def evaluate_checkpoint(
       heldout: a key of ``HELDOUT_SETS`` or None.
       seed: selects the item subset.
 
-    Returns ``{"rows": [{"task", "metric", "value", "stderr", "n_items"}, ...],
-    "details": [{"task", "item", "pred", "pred_norm", "gold", "correct", "correct_norm", "logprobs"}, ...],
-    "meta": {...}}``. Task rows have metrics "acc" and "acc_norm"; the held-out row set has
+    Returns ``{"rows": [{"task", "form", "metric", "value", "stderr", "n_items"}, ...],
+    "details": [{"task", "form", "item", "pred", "pred_norm", "gold", "correct", "correct_norm", "logprobs"}, ...],
+    "meta": {...}}``. Task rows have the metrics of ``TaskSpec.metrics`` ("acc", "acc_norm",
+    "acc_norm_token"; form "cloze" or "mc"); the held-out (form "heldout") row set has
     "loss" (nats/token) and "bits_per_byte", with n_items = tokens scored (stderr None).
     ``item`` is the 0-based row index in the task's source file.
     """
@@ -232,7 +243,7 @@ def evaluate_checkpoint(
         t0 = time.perf_counter()
         h = heldout_loss(model, tokenizer, heldout_path, model.config.max_seq_len, heldout_max_tokens)
         for metric in ("loss", "bits_per_byte"):
-            rows.append({"task": heldout, "metric": metric, "value": float(h[metric]), "stderr": None,
+            rows.append({"task": heldout, "form": "heldout", "metric": metric, "value": float(h[metric]), "stderr": None,
                          "n_items": int(h["tokens"])})
         timings["heldout"] = time.perf_counter() - t0
 

@@ -1,13 +1,20 @@
-"""Multiple-choice benchmark tasks, scored in cloze form through lighteval.
+"""Benchmark tasks through lighteval, in cloze and multiple-choice-letter form.
 
-Every task is one row of ``TASK_SPECS``: where its source file lives (relative to the
-data root), how to turn one source row into a normalised ``{query, choices, gold}``
-record, and how the prompt is shaped. Adding a benchmark is adding a row (plus a
-reader function if its file format is new).
+Every benchmark is one row of ``_TASK_TABLE``: where its source file lives (relative to the
+data root), which reader turns a source row into a raw record, and the cloze answer prompt.
+``TASK_SPECS`` holds one ``TaskSpec`` per (benchmark, form): ``arc_easy`` (cloze) and
+``arc_easy:mc`` (letters). Adding a benchmark is adding a row (plus a reader if its file
+format is new).
 
 Cloze form: the model never sees the other options. For each choice we score
-log P(choice | query) and pick the argmax, raw (``acc``) and divided by the choice's
-character length (``acc_norm``, lighteval's ``LogProbCharNorm``).
+log P(choice | query) and pick the argmax, raw (``acc``), divided by the choice's
+character length (``acc_norm``, lighteval's ``LogProbCharNorm``) and by its token count
+(``acc_norm_token``, ``LogProbTokenNorm``). WinoGrande uses partial scoring: the option
+sits in the context and the shared rest of the sentence is scored. LAMBADA: ``acc`` is
+whether the last word is the model's greedy continuation.
+
+MC form: the choices are listed as ``A. text`` lines after the stem, followed by
+``Answer:``; the continuations scored are `` A``, `` B``, ... (``acc`` only).
 
 lighteval wants a dataset *folder*; the source files have assorted names and formats.
 ``prepare_task_dataset`` therefore writes the selected items, already normalised, to
@@ -32,17 +39,23 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 # ---------------------------------------------------------------------------
-# Readers: source file -> normalised records {"query", "choices", "gold"}
+# Readers: source file -> raw records
+#   multiple choice:  {"stem", "choices" (answer texts, no leading space), "gold"}
+#   partial scoring:  {"contexts" (one per choice), "continuation", "gold"}   (WinoGrande)
+#   last word:        {"context", "continuation"}                            (LAMBADA)
 # ---------------------------------------------------------------------------
 
 
 def _read_jsonl(path: Path) -> Iterator[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, start=1):
             line = line.strip()
             if line:
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({e})") from None
 
 
 def _hellaswag_clean(text: str) -> str:
@@ -53,86 +66,189 @@ def _hellaswag_clean(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def read_hellaswag(path: Path) -> Iterator[dict]:
+def read_hellaswag(row: dict) -> dict:
     """HellaSwag jsonl(.gz): {activity_label, ctx, endings[4], label}."""
-    for row in _read_jsonl(path):
-        yield {
-            "query": _hellaswag_clean(f"{row['activity_label']}: {row['ctx']}"),
-            "choices": [" " + _hellaswag_clean(e) for e in row["endings"]],
-            "gold": int(row["label"]),
-        }
+    return {
+        "stem": _hellaswag_clean(f"{row['activity_label']}: {row['ctx']}"),
+        "choices": [_hellaswag_clean(e) for e in row["endings"]],
+        "gold": int(row["label"]),
+    }
 
 
-def read_query_choices_gold(path: Path) -> Iterator[dict]:
-    """LLM Foundry local-data MC format: {query, choices, gold}; choices get a leading space."""
-    for row in _read_jsonl(path):
-        yield {
-            "query": row["query"],
-            "choices": [" " + str(c).strip() for c in row["choices"]],
-            "gold": int(row["gold"]),
-        }
+def read_query_choices_gold(row: dict) -> dict:
+    """LLM Foundry local-data MC format: {query, choices, gold}."""
+    return {"stem": row["query"], "choices": [str(c).strip() for c in row["choices"]], "gold": int(row["gold"])}
 
 
-def read_mmlu_redux(path: Path) -> Iterator[dict]:
-    """MMLU-Redux jsonl {subject, question, choices, answer, error_type}; keeps error_type 'ok' only.
+_LETTER_LINE = re.compile(r"^([A-Z])\. ?(.*)$")
+
+
+def read_lettered(row: dict) -> dict:
+    """LLM Foundry files already in letter form (CommonsenseQA, Social IQa):
+    query = "<stem>\nChoices:\nA. text\nB. text\nAnswer:", choices = ["A", "B", ...].
+    The answer texts are parsed back out of the query so both forms can be built."""
+    query = row["query"]
+    if "\nChoices:\n" not in query:
+        raise ValueError("no 'Choices:' block in the query")
+    stem, block = query.split("\nChoices:\n", 1)
+    block = block.rstrip()
+    if block.endswith("Answer:"):
+        block = block[: -len("Answer:")]
+    texts: dict[str, str] = {}
+    for line in block.strip().split("\n"):
+        m = _LETTER_LINE.match(line.strip())
+        if not m:
+            raise ValueError(f"cannot parse choice line {line!r}")
+        texts[m.group(1)] = m.group(2).strip()
+    letters = [str(c).strip() for c in row["choices"]]
+    missing = [c for c in letters if c not in texts]
+    if missing:
+        raise ValueError(f"choices {missing} not listed in the query")
+    return {"stem": stem, "choices": [texts[c] for c in letters], "gold": int(row["gold"])}
+
+
+def read_mmlu_redux(row: dict) -> dict | None:
+    """MMLU-Redux jsonl {subject, question, choices, answer, error_type}; keeps error_type 'ok' only
+    (None: row skipped).
 
     error_type spellings in the file are not normalised ('ok', 'OK', 'Ok', 'OK '...), so compare
     case- and whitespace-insensitively.
     """
-    for row in _read_jsonl(path):
-        if str(row.get("error_type", "ok")).strip().lower() != "ok":
-            continue
-        subject = row["subject"].replace("_", " ")
-        yield {
-            "query": f"The following are questions about {subject}.\n\nQuestion: {row['question'].strip()}",
-            "choices": [" " + str(c).strip() for c in row["choices"]],
-            "gold": int(row["answer"]),
-        }
+    if str(row.get("error_type", "ok")).strip().lower() != "ok":
+        return None
+    subject = row["subject"].replace("_", " ")
+    return {
+        "stem": f"The following are questions about {subject}.\n\nQuestion: {row['question'].strip()}",
+        "choices": [str(c).strip() for c in row["choices"]],
+        "gold": int(row["answer"]),
+    }
 
 
-READERS: dict[str, Callable[[Path], Iterator[dict]]] = {
+def read_partial(row: dict) -> dict:
+    """WinoGrande in LLM Foundry's partial-scoring form: {context_options[2], continuation, gold}.
+    The choice is in the context; the shared continuation is what gets scored."""
+    return {
+        "contexts": [str(c) for c in row["context_options"]],
+        "continuation": str(row["continuation"]).strip(),
+        "gold": int(row["gold"]),
+    }
+
+
+def read_lambada(row: dict) -> dict:
+    """LAMBADA (OpenAI): {context, continuation (the last word)}."""
+    return {"context": str(row["context"]), "continuation": str(row["continuation"]).strip()}
+
+
+# One source row -> a raw record (None: the row is not part of the task).
+READERS: dict[str, Callable[[dict], dict | None]] = {
     "hellaswag": read_hellaswag,
     "query_choices_gold": read_query_choices_gold,
+    "lettered": read_lettered,
     "mmlu_redux": read_mmlu_redux,
+    "partial": read_partial,
+    "lambada": read_lambada,
 }
+
+# How a task is scored: "choices" (argmax over per-choice log-likelihoods), "partial" (same,
+# but each choice is a different context for one shared continuation), "last_word" (is the
+# gold continuation the greedy prediction).
+SCORING = {"hellaswag": "choices", "query_choices_gold": "choices", "lettered": "choices",
+           "mmlu_redux": "choices", "partial": "partial", "lambada": "last_word"}
+
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+FORMS = ("cloze", "mc")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str
+    name: str  # "<base>" (cloze form) or "<base>:mc" (multiple-choice-letter form)
     source: str  # path relative to the data root (the folder holding eval/ and text/)
     reader: str  # key of READERS
-    answer_prompt: str = ""  # appended to the query (after stripping trailing whitespace)
+    answer_prompt: str = ""  # cloze: appended to the stem (after stripping trailing whitespace)
     description: str = ""
+    form: str = "cloze"  # "cloze" | "mc"
+
+    @property
+    def base(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    @property
+    def scoring(self) -> str:
+        return SCORING[self.reader]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """Metric names reported for this task."""
+        if self.scoring == "last_word":
+            return ("acc",)
+        if self.form == "mc":
+            return ("acc",)  # letters all have one character / token: normalising changes nothing
+        return ("acc", "acc_norm", "acc_norm_token")
 
     def fingerprint(self) -> str:
         return json.dumps(
-            {"name": self.name, "source": self.source, "reader": self.reader, "answer_prompt": self.answer_prompt},
+            {"name": self.name, "source": self.source, "reader": self.reader, "answer_prompt": self.answer_prompt,
+             "form": self.form},
             sort_keys=True,
         )
 
 
-# Bump when the record layout or any reader changes: it invalidates prepared folders.
-DATA_FORMAT_VERSION = 1
+def build_record(spec: TaskSpec, raw: dict) -> dict:
+    """One raw record -> the prompt record lighteval sees: {query, choices, gold} (+ contexts)."""
+    scoring = spec.scoring
+    if scoring == "partial":
+        cont = " " + raw["continuation"]
+        contexts = [c.rstrip() for c in raw["contexts"]]
+        return {"query": os.path.commonprefix(contexts).rstrip(), "contexts": contexts,
+                "choices": [cont] * len(contexts), "gold": raw["gold"]}
+    if scoring == "last_word":
+        return {"query": raw["context"].rstrip(), "choices": [" " + raw["continuation"]], "gold": 0}
+    stem = raw["stem"].rstrip()
+    if spec.form == "mc":
+        letters = LETTERS[: len(raw["choices"])]
+        listing = "\n".join(f"{L}. {c}" for L, c in zip(letters, raw["choices"]))
+        return {"query": f"{stem}\n{listing}\nAnswer:", "choices": [" " + L for L in letters], "gold": raw["gold"]}
+    return {"query": stem + spec.answer_prompt, "choices": [" " + c for c in raw["choices"]], "gold": raw["gold"]}
 
-TASK_SPECS: dict[str, TaskSpec] = {
-    s.name: s
-    for s in [
-        TaskSpec("hellaswag", "eval/hellaswag/hellaswag_val.jsonl.gz", "hellaswag",
-                 description="HellaSwag validation (10,042), sentence completion"),
-        TaskSpec("arc_easy", "eval/llmfoundry/arc_easy.jsonl", "query_choices_gold", answer_prompt="\nAnswer:",
-                 description="ARC-Easy test (2,376)"),
-        TaskSpec("arc_challenge", "eval/llmfoundry/arc_challenge.jsonl", "query_choices_gold",
-                 answer_prompt="\nAnswer:", description="ARC-Challenge test (1,172)"),
-        TaskSpec("piqa", "eval/llmfoundry/piqa.jsonl", "query_choices_gold", answer_prompt="\nAnswer:",
-                 description="PIQA validation (1,838)"),
-        TaskSpec("openbookqa", "eval/llmfoundry/openbook_qa.jsonl", "query_choices_gold",
-                 description="OpenBookQA test (500)"),
-        TaskSpec("copa", "eval/llmfoundry/copa.jsonl", "query_choices_gold", description="COPA (100)"),
-        TaskSpec("mmlu_redux", "eval/mmlu_redux/mmlu_redux_all.jsonl", "mmlu_redux", answer_prompt="\nAnswer:",
-                 description="MMLU-Redux, error_type ok (5,330), cloze over answer texts"),
-    ]
-}
+
+# Bump when the record layout or any reader changes: it invalidates prepared folders.
+# (The cloze prompts of hellaswag and arc_easy are unchanged since version 1.)
+DATA_FORMAT_VERSION = 2
+
+_ANSWER = "\nAnswer:"
+# base name, source, reader, cloze answer prompt, has an mc form, description
+_TASK_TABLE = [
+    ("hellaswag", "eval/hellaswag/hellaswag_val.jsonl.gz", "hellaswag", "", True,
+     "HellaSwag validation (10,042), sentence completion"),
+    ("arc_easy", "eval/llmfoundry/arc_easy.jsonl", "query_choices_gold", _ANSWER, True, "ARC-Easy test (2,376)"),
+    ("arc_challenge", "eval/llmfoundry/arc_challenge.jsonl", "query_choices_gold", _ANSWER, True,
+     "ARC-Challenge test (1,172)"),
+    ("piqa", "eval/llmfoundry/piqa.jsonl", "query_choices_gold", _ANSWER, True, "PIQA validation (1,838)"),
+    ("openbookqa", "eval/llmfoundry/openbook_qa.jsonl", "query_choices_gold", "", True, "OpenBookQA test (500)"),
+    ("winogrande", "eval/llmfoundry/winogrande.jsonl", "partial", "", False,
+     "WinoGrande dev (1,267), partial scoring: the option is in the context, the shared rest is scored"),
+    ("boolq", "eval/llmfoundry/boolq.jsonl", "query_choices_gold", _ANSWER, False, "BoolQ validation (3,270)"),
+    ("copa", "eval/llmfoundry/copa.jsonl", "query_choices_gold", "", False, "COPA (100)"),
+    ("commonsense_qa", "eval/llmfoundry/commonsense_qa.jsonl", "lettered", _ANSWER, True,
+     "CommonsenseQA validation (1,221)"),
+    ("siqa", "eval/llmfoundry/siqa.jsonl", "lettered", _ANSWER, True, "Social IQa validation (1,954)"),
+    ("mmlu_redux", "eval/mmlu_redux/mmlu_redux_all.jsonl", "mmlu_redux", _ANSWER, True,
+     "MMLU-Redux, error_type ok (5,330)"),
+    ("lambada", "eval/llmfoundry/lambada_openai.jsonl", "lambada", "", False,
+     "LAMBADA (OpenAI test, 5,153): is the last word the greedy continuation"),
+]
+
+
+def _task_specs() -> dict[str, TaskSpec]:
+    specs = {}
+    for base, source, reader, answer, has_mc, desc in _TASK_TABLE:
+        specs[base] = TaskSpec(base, source, reader, answer, desc, "cloze")
+        if has_mc:
+            specs[f"{base}:mc"] = TaskSpec(f"{base}:mc", source, reader, "", desc + ", lettered choices", "mc")
+    return specs
+
+
+TASK_SPECS: dict[str, TaskSpec] = _task_specs()
 
 
 def known_tasks() -> list[str]:
@@ -166,15 +282,34 @@ def source_path(spec: TaskSpec, data_root: Path) -> Path:
 
 
 def load_records(spec: TaskSpec, data_root: Path) -> list[dict]:
-    """All normalised records of a task, in file order, each with its 0-based source index."""
+    """All prompt records of a task, in file order, each with its 0-based source index.
+
+    Raises ValueError naming the task and file for an empty file or a malformed row."""
+    path = source_path(spec, data_root)
     records = []
-    for i, rec in enumerate(READERS[spec.reader](source_path(spec, data_root))):
-        query = rec["query"]
-        if spec.answer_prompt:
-            query = query.rstrip() + spec.answer_prompt
-        if not 0 <= rec["gold"] < len(rec["choices"]):
-            raise ValueError(f"{spec.name}: row {i} has gold {rec['gold']} out of range")
-        records.append({"query": query, "choices": rec["choices"], "gold": rec["gold"], "source_index": i})
+    reader = READERS[spec.reader]
+    try:
+        rows = list(_read_jsonl(path))
+    except (ValueError, OSError, EOFError) as e:  # bad JSON, bad gzip, bad UTF-8
+        raise ValueError(f"{spec.name}: {e}") from None
+    for line_no, row in enumerate(rows):
+        i = len(records)  # 0-based index among the task's rows (MMLU-Redux: among error_type ok)
+        try:
+            raw = reader(row)
+            if raw is None:
+                continue
+            rec = build_record(spec, raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{spec.name}: {path}: row {line_no} is malformed ({type(e).__name__}: {e})") from None
+        choices = rec["choices"]
+        if len(choices) < 1 or not all(c.strip() for c in choices):
+            raise ValueError(f"{spec.name}: {path}: row {line_no} has an empty choice")
+        if not 0 <= rec["gold"] < len(choices):
+            raise ValueError(f"{spec.name}: {path}: row {line_no} has gold {rec['gold']} out of range")
+        rec["source_index"] = i
+        records.append(rec)
+    if not records:
+        raise ValueError(f"{spec.name}: {path} holds no items")
     return records
 
 
@@ -206,7 +341,7 @@ def prepare_task_dataset(
         [DATA_FORMAT_VERSION, spec.fingerprint(), _source_identity(src), max_items, seed], sort_keys=True
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    out = Path(cache_dir) / f"{spec.name}-{digest}"
+    out = Path(cache_dir) / f"{lighteval_name(spec.name)}-{digest}"
     target = out / "test.jsonl"
     if target.is_file():
         return out
@@ -228,33 +363,57 @@ def prepare_task_dataset(
 # ---------------------------------------------------------------------------
 
 
+def lighteval_name(name: str) -> str:
+    """The task's name inside lighteval (no ':' there: lighteval task specs use ':' and '|')."""
+    return name.replace(":", "__")
+
+
 def cloze_prompt(line: dict, task_name: str | None = None):
-    """lighteval prompt function: one prepared record -> Doc."""
+    """lighteval prompt function: one prepared record -> Doc.
+
+    Partial scoring (WinoGrande): ``specific["contexts"]`` holds one context per choice; the
+    model scores the shared continuation (``choices[i]``) after ``contexts[i]``."""
     from lighteval.tasks.requests import Doc
 
+    specific = {"source_index": int(line["source_index"])}
+    if line.get("contexts"):
+        specific["contexts"] = list(line["contexts"])
     return Doc(
         task_name=task_name,
         query=line["query"],
         choices=list(line["choices"]),
         gold_index=int(line["gold"]),
-        specific={"source_index": int(line["source_index"])},
+        specific=specific,
     )
 
 
-def cloze_metrics() -> list:
+def task_metrics(spec: TaskSpec) -> list:
     from lighteval.metrics.dynamic_metrics import LogLikelihoodAccMetric
     from lighteval.metrics.metrics import Metrics
-    from lighteval.metrics.normalizations import LogProbCharNorm
+    from lighteval.metrics.normalizations import LogProbCharNorm, LogProbTokenNorm
 
-    # "acc" (raw sum of log-probs) and "acc_norm" (log-prob / len(choice) in characters)
-    return [Metrics.loglikelihood_acc, LogLikelihoodAccMetric(normalization=LogProbCharNorm())]
+    if spec.scoring == "last_word":
+        return [Metrics.acc_golds_likelihood]  # "acc": the gold continuation is the greedy one
+    # "acc" (raw sum of log-probs), "acc_norm" (log-prob / characters of the choice, lighteval's
+    # LogProbCharNorm), "acc_norm_token" (log-prob / tokens of the choice, LogProbTokenNorm)
+    metrics = {
+        "acc": Metrics.loglikelihood_acc,
+        "acc_norm": LogLikelihoodAccMetric(normalization=LogProbCharNorm()),
+        "acc_norm_token": LogLikelihoodAccMetric(normalization=LogProbTokenNorm()),
+    }
+    return [metrics[m] for m in spec.metrics]
+
+
+def cloze_metrics() -> list:
+    """The metrics of a plain cloze task (kept for callers of the first version)."""
+    return task_metrics(TASK_SPECS["arc_easy"])
 
 
 def build_task_config(spec: TaskSpec, dataset_dir: Path):
     from lighteval.tasks.lighteval_task import LightevalTaskConfig
 
     return LightevalTaskConfig(
-        name=spec.name,
+        name=lighteval_name(spec.name),
         prompt_function=cloze_prompt,
         hf_repo=str(dataset_dir),
         hf_subset="default",
@@ -263,7 +422,7 @@ def build_task_config(spec: TaskSpec, dataset_dir: Path):
         few_shots_split=None,
         few_shots_select=None,
         generation_size=None,
-        metrics=cloze_metrics(),
+        metrics=task_metrics(spec),
         stop_sequence=None,
         version=DATA_FORMAT_VERSION,
     )

@@ -198,7 +198,8 @@ def _make_fixed_model(assets, work_dir: Path, name: str, pick):
         def loglikelihood(self, docs):
             return [
                 ModelResponse(logprobs=[0.0 if i == pick(doc) else -10.0 for i in range(len(doc.choices))],
-                              argmax_logits_eq_gold=[False] * len(doc.choices))
+                              argmax_logits_eq_gold=[i == pick(doc) for i in range(len(doc.choices))],
+                              output_tokens=[[1]] * len(doc.choices))  # one token each (token norm)
                 for doc in docs
             ]
 
@@ -222,7 +223,7 @@ def test_oracle_models_through_pipeline(assets, tmp_path, kind, expected):
                                       lighteval_model=lm)
     assert attempts == []
     assert {(r["task"], r["metric"]) for r in rows} == {
-        (t, m) for t in ("hellaswag", "arc_easy") for m in ("acc", "acc_norm")
+        (t, m) for t in ("hellaswag", "arc_easy") for m in ("acc", "acc_norm", "acc_norm_token")
     }
     for r in rows:
         assert r["value"] == expected and r["n_items"] == N_ITEMS
@@ -353,8 +354,10 @@ def test_task_datasets_prepare_deterministically(name, tmp_path):
     rows = [json.loads(line) for line in (a / "test.jsonl").read_text().splitlines()]
     assert len(rows) == 5
     for r in rows:
-        assert set(r) == {"query", "choices", "gold", "source_index"}
-        assert r["query"].strip() and len(r["choices"]) >= 2 and 0 <= r["gold"] < len(r["choices"])
+        extra = {"contexts"} if spec.scoring == "partial" else set()
+        assert set(r) == {"query", "choices", "gold", "source_index"} | extra
+        min_choices = 1 if spec.scoring == "last_word" else 2
+        assert r["query"].strip() and len(r["choices"]) >= min_choices and 0 <= r["gold"] < len(r["choices"])
         assert all(ch.startswith(" ") and ch.strip() for ch in r["choices"])
     other = [json.loads(line)["source_index"] for line in (c / "test.jsonl").read_text().splitlines()]
     assert other != [r["source_index"] for r in rows]

@@ -140,7 +140,10 @@ def test_stats_tables_answer_queries(session):
     assert rows[0][0] == 6
     _, rows = query(session.store, "select task, metric, n_items from evals where recipe = 't1' "
                                    "and task = 'hellaswag' order by metric")
-    assert rows == [("hellaswag", "acc", 6), ("hellaswag", "acc_norm", 6)]
+    assert rows == [("hellaswag", "acc", 6), ("hellaswag", "acc_norm", 6), ("hellaswag", "acc_norm_token", 6)]
+    _, rows = query(session.store, "select form, count(*), count(distinct item) from eval_items "
+                                   "where recipe = 't1' and task = 'hellaswag' group by form")
+    assert rows == [("cloze", 6, 6)]  # per-item results of the eval report
     _, rows = query(session.store, "select sum(tokens) from tokens t join (select distinct recipe from mixture) "
                                    "using (recipe) where recipe = 't2'")
     assert rows[0][0] > 0
