@@ -21,6 +21,7 @@ import yaml
 from tests.recipes import tiny_recipe
 
 PROJECT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end to end: curation, training and lighteval on a real instance (~2 min)
 
 BRANCH_CC = ["curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats"]
 AFTER_MIXTURE = ["mixture", "checkpoint", "eval_report", "data_stats"]
