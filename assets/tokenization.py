@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.tokenize import EOS, iter_curated_docs, load_tokenizer, sample_texts, train_bpe, tokenize_documents
+from dataprep.tokenize import iter_curated_docs, load_tokenizer, sample_texts, train_bpe, tokenize_documents
 
 from .engine import BuildContext
 from .sources import resolve_files
@@ -60,9 +59,3 @@ def describe_tokenized(manifest: Manifest) -> dict[str, Any]:
     return {"documents": c.get("documents", 0), "tokens": c.get("tokens", 0),
             "tokens_per_document": round(c.get("tokens", 0) / max(c.get("documents", 1), 1), 1)}
 
-
-def tokenizer_file(dir: Path) -> Path:
-    return dir / "tokenizer.json"
-
-
-__all__ = ["EOS", "build_tokenizer", "describe_tokenizer", "build_tokenized", "describe_tokenized"]

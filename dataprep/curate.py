@@ -87,7 +87,7 @@ class Judged(PipelineStep):
             live = [d for d in batch if DROP_KEY not in d.metadata]
             with self.track_time():
                 results = self.inner.filter_batch(live) if live else []
-            for doc, result in zip(live, results):
+            for doc, result in zip(live, results, strict=True):
                 keep, reason = get_filter_result(result)
                 self.stat_update("total")
                 if keep:

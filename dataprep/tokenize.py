@@ -108,7 +108,7 @@ def tokenize_documents(
     batch: list[dict] = []
 
     def flush() -> None:
-        for doc, enc in zip(batch, tokenizer.encode_batch([d["text"] for d in batch], add_special_tokens=False)):
+        for doc, enc in zip(batch, tokenizer.encode_batch([d["text"] for d in batch], add_special_tokens=False), strict=True):
             arr = np.empty(len(enc.ids) + 1, dtype=dtype)
             arr[:-1] = enc.ids
             arr[-1] = eos

@@ -241,7 +241,7 @@ def test_temp_dir_of_live_process_is_not_removed(tmp_path):
     try:
         live = tmp_path / "curated" / f".tmp-{KEY}-{sleeper.pid}-abc123"
         live.mkdir(parents=True)
-        other_key = tmp_path / "curated" / f".tmp-fedcba9876543210-999999999-abc123"
+        other_key = tmp_path / "curated" / ".tmp-fedcba9876543210-999999999-abc123"
         other_key.mkdir()
         with store.build("curated", KEY) as b:
             fill(b.dir, {"x": b"1"})
