@@ -22,44 +22,38 @@ from .store import Manifest, atomic_write_json
 
 STATS_DB = "stats.duckdb"
 
-# table -> (parquet file inside the producing output, columns taken from it, typed empty schema)
+# table -> the producing asset kind, the parquet file inside its output, and the columns taken
+# from it with their DuckDB types (a column an older output lacks reads as a typed NULL)
 TABLES: dict[str, dict[str, Any]] = {
     "curation": {
         "kind": "curated", "file": "decisions.parquet",
-        "columns": ["doc_id", "kept", "reason", "step", "chars", "words", "shard", "language", "language_score"],
-        "empty": "NULL::VARCHAR AS doc_id, NULL::BOOLEAN AS kept, NULL::VARCHAR AS reason, NULL::VARCHAR AS step, "
-                 "NULL::BIGINT AS chars, NULL::BIGINT AS words, NULL::INTEGER AS shard, "
-                 "NULL::VARCHAR AS language, NULL::DOUBLE AS language_score",
+        "columns": {"doc_id": "VARCHAR", "kept": "BOOLEAN", "reason": "VARCHAR", "step": "VARCHAR",
+                    "chars": "BIGINT", "words": "BIGINT", "shard": "INTEGER", "language": "VARCHAR",
+                    "language_score": "DOUBLE"},
     },
     "tokens": {
-        "kind": "tokenized", "file": "stats.parquet", "columns": ["documents", "tokens"],
-        "empty": "NULL::BIGINT AS documents, NULL::BIGINT AS tokens",
+        "kind": "tokenized", "file": "stats.parquet", "columns": {"documents": "BIGINT", "tokens": "BIGINT"},
     },
     "mixture": {
         "kind": "mixture", "file": "mixture.parquet",
-        "columns": ["source", "weight", "tokens", "epochs", "target_tokens", "available_tokens", "documents",
-                    "shortfall_tokens"],
-        "empty": "NULL::VARCHAR AS source, NULL::DOUBLE AS weight, NULL::BIGINT AS tokens, NULL::DOUBLE AS epochs, "
-                 "NULL::BIGINT AS target_tokens, NULL::BIGINT AS available_tokens, NULL::BIGINT AS documents, "
-                 "NULL::BIGINT AS shortfall_tokens",
+        "columns": {"source": "VARCHAR", "weight": "DOUBLE", "tokens": "BIGINT", "epochs": "DOUBLE",
+                    "target_tokens": "BIGINT", "available_tokens": "BIGINT", "documents": "BIGINT",
+                    "shortfall_tokens": "BIGINT"},
     },
     "train_metrics": {
         "kind": "checkpoint", "file": "metrics.parquet",
-        "columns": ["step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "max_attn_logit"],
-        "empty": "NULL::BIGINT AS step, NULL::BIGINT AS tokens, NULL::DOUBLE AS loss, NULL::DOUBLE AS lr, "
-                 "NULL::DOUBLE AS grad_norm, NULL::DOUBLE AS tokens_per_s, NULL::DOUBLE AS max_attn_logit",
+        "columns": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE", "grad_norm": "DOUBLE",
+                    "tokens_per_s": "DOUBLE", "max_attn_logit": "DOUBLE"},
     },
     "evals": {
         "kind": "eval_report", "file": "evals.parquet",
-        "columns": ["task", "form", "metric", "value", "stderr", "n_items"],
-        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS form, NULL::VARCHAR AS metric, NULL::DOUBLE AS value, "
-                 "NULL::DOUBLE AS stderr, NULL::BIGINT AS n_items",
+        "columns": {"task": "VARCHAR", "form": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE",
+                    "stderr": "DOUBLE", "n_items": "BIGINT"},
     },
     "eval_items": {
         "kind": "eval_report", "file": "details.parquet",
-        "columns": ["task", "form", "item", "pred", "gold", "correct", "correct_norm"],
-        "empty": "NULL::VARCHAR AS task, NULL::VARCHAR AS form, NULL::BIGINT AS item, NULL::BIGINT AS pred, "
-                 "NULL::BIGINT AS gold, NULL::BOOLEAN AS correct, NULL::BOOLEAN AS correct_norm",
+        "columns": {"task": "VARCHAR", "form": "VARCHAR", "item": "BIGINT", "pred": "BIGINT", "gold": "BIGINT",
+                    "correct": "BOOLEAN", "correct_norm": "BOOLEAN"},
     },
 }
 # producing kind -> its tables (an eval report feeds both evals and eval_items)
@@ -114,13 +108,16 @@ def _quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+def _null(column: str, sql_type: str) -> str:
+    return f"NULL::{sql_type} AS {column}"
+
+
 def _select_columns(path: Path, spec: dict[str, Any]) -> list[str]:
-    """The table's columns; one an older output lacks is a typed NULL (from the empty schema)."""
+    """The table's columns; one an older output lacks is a typed NULL."""
     import pyarrow.parquet as pq
 
     present = set(pq.read_schema(path).names)
-    typed = {part.rsplit(" AS ", 1)[1]: part.strip() for part in spec["empty"].split(",")}
-    return [c if c in present else typed[c] for c in spec["columns"]]
+    return [c if c in present else _null(c, t) for c, t in spec["columns"].items()]
 
 
 def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
@@ -141,9 +138,9 @@ def view_sql(store_root: Path, entries: list[dict[str, Any]]) -> dict[str, str]:
         if selects[name]:
             sql[name] = " UNION ALL ".join(selects[name])
         else:
-            has_source = name in ("curation", "tokens")
-            sql[name] = (f"SELECT NULL::VARCHAR AS recipe, {'NULL::VARCHAR AS source, ' if has_source else ''}"
-                         f"{spec['empty']} WHERE false")
+            columns = {"recipe": "VARCHAR"} | ({} if name in NO_SOURCE_TABLES else {"source": "VARCHAR"})
+            columns |= spec["columns"]
+            sql[name] = f"SELECT {', '.join(_null(c, t) for c, t in columns.items())} WHERE false"
     return sql
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from training.atomic import atomic_path  # the one temp-then-rename writer
+
 MANIFEST = "_manifest.json"
 TMP_PREFIX = ".tmp-"
 
@@ -33,16 +35,8 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write a file so readers see either the old content or the new, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
