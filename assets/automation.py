@@ -22,6 +22,10 @@ def data_condition() -> AutomationCondition:
 
 
 def condition_for(kind: str, policy: AutomationSpec) -> AutomationCondition | None:
+    if kind == "filtered":
+        # New file partitions are started by the source's sensor; here only a changed filter
+        # spec re-runs the existing ones (eager would start new partitions a second time).
+        return AutomationCondition.code_version_changed().with_label("own code version changed")
     if kind in DATA_KINDS:
         return data_condition()
     choice = policy.training if kind == "checkpoint" else policy.evaluation

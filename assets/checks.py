@@ -7,13 +7,15 @@ others warn in the UI and let the pipeline go on.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec
 
 from .plan import AssetPlan
+from .recipe import CurationSpec
 from .store import Manifest
 
 
@@ -29,6 +31,65 @@ class Check:
 def _documents_kept(m: Manifest) -> tuple[bool, str]:
     kept, docs = m.counts.get("kept", 0), m.counts.get("documents", 0)
     return kept > 0, f"{kept:,} of {docs:,} documents kept"
+
+
+def _kept_decisions(m: Manifest, columns: list[str]):
+    table = pq.read_table(m.path / "decisions.parquet", columns=["kept", *columns])
+    return table.filter(table["kept"])
+
+
+def _keep_rate_within(low: float, high: float) -> Callable[[Manifest], tuple[bool, str]]:
+    def evaluate(m: Manifest) -> tuple[bool, str]:
+        docs = m.counts.get("documents", 0)
+        rate = m.counts.get("kept", 0) / docs if docs else 0.0
+        return low <= rate <= high, f"keep rate {rate:.3f} (bounds {low:g} to {high:g})"
+
+    return evaluate
+
+
+def _no_empty_documents(m: Manifest) -> tuple[bool, str]:
+    kept = _kept_decisions(m, ["chars", "words"])
+    empty = pc.sum(pc.or_(pc.equal(kept["chars"], 0), pc.equal(kept["words"], 0)).cast("int64")).as_py() or 0
+    return empty == 0, f"{empty:,} kept documents without text"
+
+
+def _unique_ids(m: Manifest) -> tuple[bool, str]:
+    ids = _kept_decisions(m, ["doc_id"])["doc_id"]
+    repeated = len(ids) - len(pc.unique(ids))
+    return repeated == 0, f"{repeated:,} kept documents repeat an earlier id"
+
+
+def _language_share(languages: set[str], floor: float) -> Callable[[Manifest], tuple[bool, str]]:
+    def evaluate(m: Manifest) -> tuple[bool, str]:
+        kept = _kept_decisions(m, ["language"])["language"].to_pylist()
+        if not kept:
+            return False, "no kept documents"
+        share = sum(1 for lang in kept if lang in languages) / len(kept)
+        return share >= floor, f"{share:.3f} of kept documents in {', '.join(sorted(languages))} (floor {floor:g})"
+
+    return evaluate
+
+
+def curated_checks(curation: CurationSpec) -> list[Check]:
+    """The recipe's checks on a curated source (bounds and blocking come from the recipe)."""
+    cfg = curation.checks
+    out = [Check("documents_kept", "curated", True, "At least one document survived curation.", _documents_kept)]
+    if cfg.keep_rate is not None:
+        out.append(Check("keep_rate", "curated", cfg.keep_rate.blocking,
+                         f"Share of documents kept is within {cfg.keep_rate.min:g} to {cfg.keep_rate.max:g}.",
+                         _keep_rate_within(cfg.keep_rate.min, cfg.keep_rate.max)))
+    if cfg.no_empty_documents is not None:
+        out.append(Check("no_empty_documents", "curated", cfg.no_empty_documents.blocking,
+                         "No kept document is empty.", _no_empty_documents))
+    if cfg.unique_ids is not None:
+        out.append(Check("unique_ids", "curated", cfg.unique_ids.blocking,
+                         "Kept documents have unique ids.", _unique_ids))
+    lang = curation.language
+    if cfg.language_share is not None and lang is not None and lang.languages:
+        out.append(Check("language_share", "curated", cfg.language_share.blocking,
+                         f"At least {cfg.language_share.min:g} of kept documents are in {', '.join(lang.languages)}.",
+                         _language_share(set(lang.languages), cfg.language_share.min)))
+    return out
 
 
 def _has_tokens(m: Manifest) -> tuple[bool, str]:
@@ -56,7 +117,6 @@ def _loss_decreased(m: Manifest) -> tuple[bool, str]:
 
 
 CHECKS: list[Check] = [
-    Check("documents_kept", "curated", True, "At least one document survived curation.", _documents_kept),
     Check("has_tokens", "tokenized", True, "The tokenized source is not empty.", _has_tokens),
     Check("no_shortfall", "mixture", False, "Every source filled its share within its epoch cap.", _no_shortfall),
     Check("loss_decreased", "checkpoint", False, "Training loss went down from the first steps to the last.",
@@ -65,6 +125,8 @@ CHECKS: list[Check] = [
 
 
 def checks_for(plan: AssetPlan) -> list[Check]:
+    if plan.kind == "curated":
+        return curated_checks(plan.context["source"].curation)
     return [c for c in CHECKS if c.kind == plan.kind]
 
 

@@ -13,7 +13,6 @@ import sys
 from dagster import Field, InitLoggerContext, logger
 
 
-
 class _CompactFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         meta = getattr(record, "dagster_meta", None) or {}

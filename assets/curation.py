@@ -1,29 +1,61 @@
-"""curated_<source>: datatrove filters over one source, one decision row per input document."""
+"""Curation assets.
+
+filtered_<source>  one partition per source file: extraction and the datatrove filters
+                   (`dataprep.curate`), one decision row per input document, and what each
+                   step dropped under excluded/<step>/.
+curated_<source>   unpartitioned manifest over every file raw_<source> recorded: gathers the
+                   partitions' outputs (found by their computed keys), runs MinHash dedup
+                   across all of them, and writes the source's decisions.parquet.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from dagster import MetadataValue
 
-from dataprep.curate import run_curation
+from dataprep.curate import STEP_ORDER, run_curation, useful_workers
+from dataprep.dedup import run_minhash_dedup
 
-from .engine import BuildContext
+from . import curation_report
+from .engine import BuildContext, read_json
+from .plan import AssetPlan
 from .recipe import SourceSpec
-from .sources import resolve_files
+from .shards import shard_outputs
+from .sources import reader_spec
 from .store import Manifest
+
+DEDUP_COLUMNS = [("cluster_id", pa.int64()), ("cluster_size", pa.int64())]
+
+
+def filtered_spec(src: SourceSpec) -> dict[str, Any]:
+    # The shard count shapes the output files, so it is part of the identity; workers are not.
+    return {"filters": src.curation.filter_spec(), "shards": src.shards, "reader": reader_spec(src)}
 
 
 def curated_spec(src: SourceSpec) -> dict[str, Any]:
-    # The shard count shapes the output files, so it is part of the identity; workers are not.
-    return {"curation": src.curation.hashed(), "shards": src.shards}
+    return {"curation": src.curation.hashed(), "shards": src.shards, "reader": reader_spec(src)}
 
 
-def build_curated(ctx: BuildContext) -> dict[str, Any]:
+def reasons_markdown(reasons: dict[str, int], documents: int) -> str:
+    rows = sorted(reasons.items(), key=lambda kv: -kv[1])
+    body = "\n".join(f"| `{r}` | {n:,} | {100 * n / documents:.1f}% |" for r, n in rows)
+    return "| reason | documents | share |\n|---|---:|---:|\n" + body
+
+
+# --------------------------------------------------------------------- one file
+
+
+def build_filtered(ctx: BuildContext, file: Path) -> dict[str, Any]:
     src: SourceSpec = ctx.plan.context["source"]
-    files = resolve_files(src, ctx.foundry.data_path(), ctx.upstream["raw"].dir, ctx.plan.label)
     counts = run_curation(
-        files=files,
+        files=[file],
         kind=src.kind,
         text_key=src.text_key,
         id_key=src.id_key,
@@ -31,23 +63,146 @@ def build_curated(ctx: BuildContext) -> dict[str, Any]:
         shards=src.shards,
         curation=src.curation.model_dump(mode="json"),
         out_dir=ctx.out_dir,
-        workers=ctx.foundry.workers,
+        workers=useful_workers([file], ctx.foundry.workers, src.shards, src.limit),
         logs_dir=ctx.logs_dir,
+        executor=ctx.foundry.executor_settings(),
     )
-    ctx.log.info(f"{ctx.plan.label}: datatrove logs and step stats in {ctx.logs_dir}")
-    ctx.log.info(f"{ctx.plan.label}: kept {counts['kept']:,} of {counts['documents']:,} documents")
+    ctx.log.info(f"{ctx.plan.label}[{file.name}]: kept {counts['kept']:,} of {counts['documents']:,} documents; "
+                 f"datatrove logs in {ctx.logs_dir}")
     return counts
+
+
+def describe_filtered(manifest: Manifest) -> dict[str, Any]:
+    c = manifest.counts
+    docs = max(c.get("documents", 0), 1)
+    return {
+        "documents": c.get("documents", 0),
+        "kept": c.get("kept", 0),
+        "kept_fraction": round(c.get("kept", 0) / docs, 4),
+        "drop_reasons": MetadataValue.md(reasons_markdown(c.get("reasons", {}), docs)),
+    }
+
+
+# --------------------------------------------------------------------- the whole source
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link an immutable store file into a new output (copy across filesystems)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _gather(shards: list[tuple[str, Manifest]], out: Path, with_docs: bool) -> pa.Table:
+    """Link each partition's excluded files (and docs, if not deduplicated) and stack decisions."""
+    tables = []
+    for i, (name, manifest) in enumerate(shards):
+        for rel in sorted(manifest.files):
+            parts = rel.split("/")
+            if parts[0] == "excluded" or (with_docs and parts[0] == "docs"):
+                _link(manifest.path / rel, out / Path(*parts[:-1]) / f"{i:05d}-{parts[-1]}")
+        table = pq.read_table(manifest.path / "decisions.parquet")
+        tables.append(table.append_column("file", pa.array([name] * table.num_rows, pa.string())))
+    if not tables:
+        raise RuntimeError("a source without files has nothing to curate")
+    return pa.concat_tables(tables)
+
+
+def _shard_doc_files(shards: list[tuple[str, Manifest]]) -> list[Path]:
+    return [m.path / rel for _, m in shards for rel in sorted(m.files) if rel.startswith("docs/")]
+
+
+def _with_dedup(decisions: pa.Table, dedup: pa.Table) -> pa.Table:
+    """Mark MinHash duplicates in the decisions and add cluster columns.
+
+    dedup.parquet has one row per kept document in the order the docs files were read, which
+    is the order of the kept rows here (decision rows and docs share rank order per file).
+    """
+    kept_rows = [i for i, k in enumerate(decisions["kept"].to_pylist()) if k]
+    ids = decisions["doc_id"].to_pylist()
+    if len(kept_rows) != dedup.num_rows or any(ids[r] != d for r, d in zip(kept_rows, dedup["doc_id"].to_pylist(), strict=True)):
+        raise RuntimeError("MinHash output does not line up with the filtered documents")
+    n = decisions.num_rows
+    kept, reason, step = (decisions[c].to_pylist() for c in ("kept", "reason", "step"))
+    cluster_id: list[int | None] = [None] * n
+    cluster_size: list[int | None] = [None] * n
+    for r, dup, cid, size in zip(kept_rows, dedup["duplicate"].to_pylist(), dedup["cluster_id"].to_pylist(),
+                                 dedup["cluster_size"].to_pylist(), strict=True):
+        cluster_id[r], cluster_size[r] = cid, size
+        if dup:
+            kept[r], reason[r], step[r] = False, "minhash:duplicate", "minhash"
+    out = decisions
+    for name, values, typ in (("kept", kept, pa.bool_()), ("reason", reason, pa.string()), ("step", step, pa.string())):
+        out = out.set_column(out.schema.get_field_index(name), name, pa.array(values, typ))
+    out = out.append_column("cluster_id", pa.array(cluster_id, pa.int64()))
+    return out.append_column("cluster_size", pa.array(cluster_size, pa.int64()))
+
+
+def build_curated(ctx: BuildContext) -> dict[str, Any]:
+    src: SourceSpec = ctx.plan.context["source"]
+    filtered: AssetPlan = ctx.plan.context["filtered_plan"]
+    files = read_json(ctx.upstream["raw"].dir / "files.json")
+    shards = shard_outputs(ctx.foundry.store(), filtered, files)
+    minhash = src.curation.minhash
+    decisions = _gather(shards, ctx.out_dir, with_docs=minhash is None)
+    dedup_counts: dict[str, Any] = {}
+    if minhash is None:
+        for name, typ in DEDUP_COLUMNS:
+            decisions = decisions.append_column(name, pa.nulls(decisions.num_rows, typ))
+    else:
+        work = ctx.logs_dir / "minhash-work"
+        shutil.rmtree(work, ignore_errors=True)
+        doc_files = _shard_doc_files(shards)
+        dedup_counts = run_minhash_dedup(
+            doc_files, ctx.out_dir, minhash.model_dump(mode="json"), tasks=src.shards,
+            workers=useful_workers(doc_files, ctx.foundry.workers, src.shards), work_dir=work,
+            logs_dir=ctx.logs_dir / "minhash", executor=ctx.foundry.executor_settings(),
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        dedup_file = ctx.out_dir / "dedup.parquet"
+        decisions = _with_dedup(decisions, pq.read_table(dedup_file))
+        dedup_file.unlink()
+    pq.write_table(decisions, ctx.out_dir / "decisions.parquet")
+    counts = summarize(decisions)
+    counts["files"] = len(shards)
+    counts["clusters"] = dedup_counts.get("clusters", 0)
+    counts["largest_cluster"] = dedup_counts.get("largest_cluster", 0)
+    counts["steps"] = curation_report.step_table(decisions, STEP_ORDER)
+    ctx.log.info(f"{ctx.plan.label}: kept {counts['kept']:,} of {counts['documents']:,} documents from "
+                 f"{len(shards)} file(s); {counts['reasons'].get('minhash:duplicate', 0):,} near-duplicates")
+    return counts
+
+
+def summarize(decisions: pa.Table) -> dict[str, Any]:
+    kept = pc.sum(decisions["kept"].cast(pa.int64())).as_py() or 0
+    reasons: dict[str, int] = {}
+    for r in decisions["reason"].to_pylist():
+        if r is not None:
+            reasons[r] = reasons.get(r, 0) + 1
+    return {"documents": decisions.num_rows, "kept": kept, "dropped": decisions.num_rows - kept,
+            "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
 
 
 def describe_curated(manifest: Manifest) -> dict[str, Any]:
     c = manifest.counts
     docs = max(c.get("documents", 0), 1)
-    reasons = sorted(c.get("reasons", {}).items(), key=lambda kv: -kv[1])
-    table = "\n".join(f"| `{r}` | {n:,} | {100 * n / docs:.1f}% |" for r, n in reasons)
-    return {
+    out: dict[str, Any] = {
         "documents": c.get("documents", 0),
         "kept": c.get("kept", 0),
         "dropped": c.get("dropped", 0),
         "kept_fraction": round(c.get("kept", 0) / docs, 4),
-        "drop_reasons": MetadataValue.md("| reason | documents | share |\n|---|---:|---:|\n" + table),
+        "files": c.get("files", 0),
+        "minhash_clusters": c.get("clusters", 0),
+        "steps": MetadataValue.md(curation_report.step_table_markdown(c.get("steps", []))),
+        "drop_reasons": MetadataValue.md(reasons_markdown(c.get("reasons", {}), docs)),
     }
+    decisions = manifest.path / "decisions.parquet"
+    if decisions.is_file():
+        table = pq.read_table(decisions, columns=["kept", "chars"])
+        chars = table["chars"].to_pylist()
+        after = [n for n, k in zip(chars, table["kept"].to_pylist(), strict=True) if k]
+        png = curation_report.length_histogram_png(chars, after)
+        out["length_histogram"] = MetadataValue.md(curation_report.histogram_markdown(png))
+    return out

@@ -40,7 +40,7 @@ def load_all(paths: list[Path] | None = None) -> list[RecipeAssets]:
 def build_definitions(recipes: list[RecipeAssets]) -> Definitions:
     return Definitions(
         assets=[a for r in recipes for a in r.assets],
-        sensors=[automation_sensor()],
+        sensors=[automation_sensor(), *(s for r in recipes for s in r.sensors)],
         resources={"foundry": FoundryResource()},
         loggers={"compact": compact_console},
     )

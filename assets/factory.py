@@ -1,21 +1,31 @@
 """Asset factory: one recipe -> its plans and Dagster assets (one group, keys prefixed by name)."""
 
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from dagster import AssetExecutionContext, AssetKey, AssetsDefinition, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    SensorDefinition,
+    asset,
+)
 
 from . import automation, checks
-from .curation import build_curated, curated_spec, describe_curated
-from .engine import Describer, Builder, materialize
+from .curation import build_curated, build_filtered, curated_spec, describe_curated, describe_filtered, filtered_spec
+from .engine import Builder, Describer, materialize
 from .evaluation import build_eval_report, describe_eval_report
 from .mixture import build_mixture_asset, describe_mixture
 from .plan import AssetPlan
 from .recipe import Recipe, source_files
 from .resources import FoundryResource
 from .settings import resolve_data_path
+from .shards import current_files, partitions_def, partitions_name, shard_sensor
 from .sources import build_raw, content_hash, describe_raw, file_table, fingerprint, raw_spec
 from .stats import build_data_stats, describe_data_stats, publish
 from .store import file_sha256
@@ -29,6 +39,7 @@ class RecipeAssets:
     origin: str
     plans: dict[AssetKey, AssetPlan]
     assets: list[AssetsDefinition]
+    sensors: list[SensorDefinition]
 
 
 def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
@@ -40,9 +51,15 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
         plans.append(AssetPlan(r, f"raw_{s}", "raw", raw_spec(src), {},
                                f"Source files of '{s}' ({src.kind}), identified by content.", {"source": src}))
     for s, src in recipe.sources.items():
+        filtered = AssetPlan(r, f"filtered_{s}", "filtered", filtered_spec(src), {},
+                             f"Each file of '{s}' through extraction and the datatrove filters "
+                             "(one partition per file; new files are added by a sensor).",
+                             {"source": src, "raw": key(f"raw_{s}")}, partitions=partitions_name(r, s))
+        plans.append(filtered)
         plans.append(AssetPlan(r, f"curated_{s}", "curated", curated_spec(src), {"raw": key(f"raw_{s}")},
-                               f"'{s}' after the datatrove filters; one decision row per input document.",
-                               {"source": src}))
+                               f"'{s}' gathered from its file partitions and MinHash-deduplicated; "
+                               "one decision row per input document.",
+                               {"source": src, "filtered_plan": filtered}, after=(filtered.key,)))
     tok = recipe.tokenizer
     if tok.path is None:
         tok_inputs = {s: key(f"raw_{s}") for s in recipe.sources}
@@ -83,7 +100,7 @@ BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "data_stats": (build_data_stats, describe_data_stats),
 }
 KINDS = {
-    "raw": {"json"}, "curated": {"datatrove"}, "tokenizer": {"tokenizers"}, "tokenized": {"numpy"},
+    "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "tokenizer": {"tokenizers"}, "tokenized": {"numpy"},
     "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"},
 }
 
@@ -104,6 +121,19 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
             )
 
         return run_raw
+    if plan.kind == "filtered":
+
+        def run_filtered(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            name = context.partition_key
+            files = current_files(plan, foundry.data_path())
+            if name not in files:
+                raise FileNotFoundError(f"{plan.label}: partition '{name}' has no file under "
+                                        f"{resolve_data_path(plan.context['source'].path, foundry.data_path())} any more")
+            path = files[name]
+            return materialize(context, foundry, plan, lambda ctx: build_filtered(ctx, path), describe_filtered,
+                               extra_inputs={"file": file_sha256(path)}, extra_metadata={"file": name})
+
+        return run_filtered
     if plan.kind == "tokenizer":
 
         def run_tokenizer(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
@@ -136,11 +166,11 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
 
 def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
     body = _body(plan)
-    deps = list(dict.fromkeys(plan.inputs.values()))
 
     @asset(
         key=plan.key,
-        deps=deps,
+        deps=plan.deps,
+        partitions_def=partitions_def(plan) if plan.partitions else None,
         code_version=plan.code_version,
         group_name=plan.recipe,
         description=plan.description,
@@ -157,14 +187,16 @@ def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
 
 def recipe_assets(recipe: Recipe, origin: str | Path) -> RecipeAssets:
     plans = recipe_plans(recipe)
+    by_key = {p.key: p for p in plans}
     return RecipeAssets(
         recipe=recipe,
         origin=str(origin),
-        plans={p.key: p for p in plans},
+        plans=by_key,
         assets=[asset_for(p, recipe) for p in plans],
+        sensors=[shard_sensor(p, by_key[p.context["raw"]]) for p in plans if p.partitions],
     )
 
 
 def describe_recipe(ra: RecipeAssets) -> dict[str, Any]:
     return {p.label: {"kind": p.kind, "code_version": p.code_version,
-                      "deps": sorted(k.to_user_string() for k in p.inputs.values())} for p in ra.plans.values()}
+                      "deps": sorted(k.to_user_string() for k in p.deps)} for p in ra.plans.values()}

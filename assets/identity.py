@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -21,13 +22,14 @@ HASH_CHARS = 16
 # so every output it produced before is rebuilt (and old ones stay in the store).
 LOGIC_VERSIONS: dict[str, str] = {
     "raw": "raw-1",
-    "curated": "curated-1",
+    "filtered": "filtered-1",  # one source file through extraction and the filters
+    "curated": "curated-2",  # 2: gathers per-file partitions, MinHash dedup, url/cluster columns
     "tokenizer": "tokenizer-1",
     "tokenized": "tokenized-1",
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",
     "eval_report": "eval-2",  # 2: form column, per-item details.parquet
-    "data_stats": "stats-2",  # 2: eval_items table
+    "data_stats": "stats-3",  # 2: eval_items table; 3: file, url, domain, cluster columns in curation
 }
 
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
 
 DATA_VERSION_TAG = "dagster/data_version"
 
@@ -35,6 +35,28 @@ def latest(instance: DagsterInstance, key: AssetKey) -> Record | None:
     event = instance.get_latest_materialization_event(key)
     if event is None or event.asset_materialization is None:
         return None
+    return _record(event)
+
+
+def latest_by_partition(instance: DagsterInstance, key: AssetKey, partitions: list[str],
+                        page: int = 1000) -> dict[str, Record]:
+    """Latest materialization of each listed partition (newest first, one pass over the log)."""
+    found: dict[str, Record] = {}
+    if not partitions:
+        return found
+    cursor = None
+    while True:
+        result = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=key, asset_partitions=partitions), limit=page, cursor=cursor)
+        for rec in result.records:
+            if rec.partition_key is not None and rec.partition_key not in found:
+                found[rec.partition_key] = _record(rec.event_log_entry)
+        if not result.has_more or len(found) == len(partitions):
+            return found
+        cursor = result.cursor
+
+
+def _record(event) -> Record:
     mat = event.asset_materialization
     meta = dict(mat.metadata)
     inputs = _value(meta, "inputs") or {}

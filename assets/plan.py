@@ -24,6 +24,11 @@ class AssetPlan:
     inputs: dict[str, AssetKey] = field(default_factory=dict)  # role -> upstream asset
     description: str = ""
     context: dict[str, Any] = field(default_factory=dict, compare=False)  # not hashed
+    # Upstream assets that must be built first but are not identity inputs: the per-file
+    # partitions a manifest asset gathers (their outputs are found by their computed keys).
+    after: tuple[AssetKey, ...] = ()
+    # Name of the dynamic partitions definition (one partition per source file), if any.
+    partitions: str | None = None
 
     @property
     def key(self) -> AssetKey:
@@ -32,6 +37,10 @@ class AssetPlan:
     @property
     def label(self) -> str:
         return f"{self.recipe}/{self.name}"
+
+    @property
+    def deps(self) -> list[AssetKey]:
+        return list(dict.fromkeys([*self.inputs.values(), *self.after]))
 
     @cached_property
     def code_version(self) -> str:

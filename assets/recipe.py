@@ -7,6 +7,7 @@ output are hashed (see `identity.py`); paths and execution knobs are not part of
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -112,6 +113,46 @@ class PIISpec(Strict):
     only_remove_public_ips: bool = True
 
 
+class MinhashSpec(Strict):
+    """datatrove's MinHash near-duplicate removal across every file of a source, after the filters.
+
+    Two documents land in one cluster when all hashes of any bucket agree; one per cluster is kept.
+    """
+
+    n_grams: int = Field(5, ge=1, description="word n-grams per shingle")
+    num_buckets: int = Field(14, ge=1)
+    hashes_per_bucket: int = Field(8, ge=1)
+    seed: int = 1
+
+
+class CheckSpec(Strict):
+    blocking: bool = Field(False, description="a failure stops everything downstream of this source")
+
+
+class KeepRateCheck(CheckSpec):
+    min: float = Field(0.01, ge=0, le=1)
+    max: float = Field(1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "KeepRateCheck":
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class LanguageShareCheck(CheckSpec):
+    min: float = Field(0.9, ge=0, le=1, description="share of kept documents in the recipe's languages")
+
+
+class CurationChecksSpec(Strict):
+    """Asset checks on a curated source. Set one to null to turn it off; not part of any hash."""
+
+    keep_rate: KeepRateCheck | None = KeepRateCheck()
+    no_empty_documents: CheckSpec | None = CheckSpec(blocking=True)
+    unique_ids: CheckSpec | None = CheckSpec()
+    language_share: LanguageShareCheck | None = LanguageShareCheck()  # only where the language step runs
+
+
 # Steps added after the first recipes were hashed: off by default, and left out of the hashed
 # spec while off, so recipes that do not use them keep their identity.
 OPTIONAL_CURATION_STEPS = ("url_filter", "language", "pii")
@@ -121,7 +162,8 @@ class CurationSpec(Strict):
     """Steps run in FineWeb's order; each is optional (set it to null to skip it).
 
     url_filter -> language -> gopher_repetition -> gopher_quality -> c4_quality
-    -> fineweb_quality -> pii (a formatter: it rewrites text, never drops).
+    -> fineweb_quality -> pii (a formatter: it rewrites text, never drops) -> minhash
+    (across every file of the source). `checks` guard the result and never change it.
     """
 
     url_filter: URLFilterSpec | None = None
@@ -131,23 +173,69 @@ class CurationSpec(Strict):
     c4_quality: C4QualitySpec | None = C4QualitySpec()
     fineweb_quality: FineWebQualitySpec | None = FineWebQualitySpec()
     pii: PIISpec | None = None
+    minhash: MinhashSpec | None = MinhashSpec()
+    checks: CurationChecksSpec = CurationChecksSpec()
+
+    def filter_spec(self) -> dict[str, Any]:
+        """The per-document steps as hashed (one source file's output depends on these only).
+
+        Optional steps that are off are left out (see above); dedup and checks are not here.
+        """
+        off = {name for name in OPTIONAL_CURATION_STEPS if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude=off | {"minhash", "checks"})
 
     def hashed(self) -> dict[str, Any]:
-        """The spec as hashed: optional steps that are off are left out (see above)."""
-        off = {name for name in OPTIONAL_CURATION_STEPS if getattr(self, name) is None}
-        return self.model_dump(mode="json", exclude=off)
+        """What defines a curated source: the filters and the dedup settings (not the checks)."""
+        return {"filters": self.filter_spec(),
+                "minhash": self.minhash.model_dump(mode="json") if self.minhash else None}
+
+
+def _unset(value: Any) -> bool:
+    return value is None
 
 
 class SourceSpec(Strict):
-    kind: Literal["jsonl", "parquet", "warc"] = Field(
-        description="jsonl also reads .jsonl.gz / .json.gz; warc reads .warc(.gz) and extracts text from HTML"
+    kind: Literal["jsonl", "parquet", "warc", "hf"] = Field(
+        description="jsonl also reads .jsonl.gz / .json.gz; warc reads .warc(.gz) and extracts text from HTML; "
+        "hf reads a Hugging Face dataset (.arrow files of save_to_disk, or .parquet files)"
     )
-    path: str = Field(description="file, directory or glob; relative paths are under the data root")
+    path: str = Field(
+        description="file, directory or glob; relative paths are under the data root. For kind hf also a Hub "
+        "dataset id (owner/name) where no such local path exists: read from the local HF cache "
+        "(downloaded first unless HF_HUB_OFFLINE=1)"
+    )
+    # hf only. Left out of the dump (so of every hash) while unset: older recipes keep their identity.
+    name: str | None = Field(
+        None, exclude_if=_unset,
+        description="hf: the subfolder holding the data files, e.g. a Hub config's folder (sample/10BT for "
+        "fineweb's sample-10BT) or a split of a saved DatasetDict (train)",
+    )
+    revision: str | None = Field(
+        None, min_length=1, exclude_if=_unset,
+        description="hf, Hub ids only: branch, tag or commit to read (default main)",
+    )
     text_key: str = "text"
     id_key: str = "id"
-    limit: int | None = Field(None, gt=0, description="read at most this many documents")
+    limit: int | None = Field(None, gt=0, description="read at most this many documents from each file")
     shards: int = Field(2, ge=1, le=1024, description="output shards; workers never exceed it")
     curation: CurationSpec = CurationSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_subfolder(cls, name: str | None) -> str | None:
+        if name is None:
+            return None
+        parts = [part for part in name.split("/") if part not in ("", ".")]
+        if name.startswith("/") or ".." in parts or not parts:
+            raise ValueError(f"'{name}' must be a folder inside the dataset, like 'sample/10BT'")
+        return "/".join(parts)  # one spelling per folder: `name` is hashed
+
+    @model_validator(mode="after")
+    def _hf_fields_need_hf(self) -> SourceSpec:
+        for field in ("name", "revision"):
+            if getattr(self, field) is not None and self.kind != "hf":
+                raise ValueError(f"'{field}' applies only to kind hf (this source is {self.kind})")
+        return self
 
 
 class TokenizerSpec(Strict):
@@ -422,18 +510,27 @@ SUFFIXES = {
     "jsonl": (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst"),
     "parquet": (".parquet",),
     "warc": (".warc", ".warc.gz"),
+    "hf": (".arrow", ".parquet"),
 }
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells dataset ids
 
 
 def source_files(src: SourceSpec, data_root: Path | None = None) -> list[Path]:
-    """The files a source reads, sorted, so shard assignment is stable."""
+    """The files a source reads, sorted, so shard assignment is stable.
+
+    Each file can be read on its own (see dataprep.readers), so one file can be one partition.
+    """
     raw = expand_vars(src.path)
     if any(ch in raw for ch in "*?["):
+        if src.name is not None or src.revision is not None:
+            raise RecipeError(f"{raw}: 'name' and 'revision' need a folder or Hub id as path, not a glob")
         base = resolve_data_path(".", data_root) if not os.path.isabs(raw) else Path("/")
         pattern = raw if not os.path.isabs(raw) else raw.lstrip("/")
         files = sorted(p for p in base.glob(pattern) if p.is_file())
     else:
         target = resolve_data_path(src.path, data_root)
+        if src.kind == "hf":
+            return _hf_files(src, raw, target)
         if target.is_dir():
             files = sorted(p for p in target.rglob("*") if p.is_file())
         elif target.is_file():
@@ -443,3 +540,85 @@ def source_files(src: SourceSpec, data_root: Path | None = None) -> list[Path]:
         else:
             raise RecipeError(f"path does not exist: {target}")
     return [p for p in files if p.name.endswith(SUFFIXES[src.kind])]
+
+
+def _hf_files(src: SourceSpec, raw: str, target: Path) -> list[Path]:
+    """A local dataset folder (or one data file), else a Hub id resolved through the HF cache."""
+    if not target.exists():
+        if not os.path.isabs(raw) and HUB_ID.fullmatch(raw):
+            return _hub_files(src, raw, target)
+        raise RecipeError(f"path does not exist: {target}")
+    if src.revision is not None:
+        raise RecipeError(f"{target}: 'revision' applies to Hub dataset ids, and this is a local path")
+    if target.is_file():
+        if src.name is not None or not target.name.endswith(SUFFIXES["hf"]):
+            raise RecipeError(f"{target}: give kind hf a dataset folder, or one .arrow / .parquet file without 'name'")
+        return [target]
+    folder = target / src.name if src.name else target
+    if not folder.is_dir():
+        raise RecipeError(f"path does not exist: {folder} (folder '{src.name}' of {target})")
+    return _dataset_files(folder)
+
+
+def _dataset_files(folder: Path) -> list[Path]:
+    """The .arrow / .parquet files under a dataset folder, sorted.
+
+    A `save_to_disk` folder lists its data files in state.json; other .arrow files beside them
+    are `datasets` caches (from map/filter), not rows of the dataset.
+    """
+    listed: dict[Path, set[str] | None] = {}
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if not path.name.endswith(SUFFIXES["hf"]) or not path.is_file():
+            continue
+        if path.parent not in listed:
+            listed[path.parent] = _state_files(path.parent)
+        names = listed[path.parent]
+        if path.name.endswith(".arrow") and names is not None and path.name not in names:
+            continue
+        files.append(path)
+    return files
+
+
+def _state_files(folder: Path) -> set[str] | None:
+    """Data file names a save_to_disk folder lists in its state.json (None where there is none)."""
+    state = folder / "state.json"
+    if not state.is_file():
+        return None
+    try:
+        entries = json.loads(state.read_text())["_data_files"]
+        return {entry["filename"] for entry in entries}
+    except (ValueError, KeyError, TypeError) as err:
+        raise RecipeError(f"{state}: not a datasets state.json ({type(err).__name__}: {err})") from None
+
+
+def _hub_files(src: SourceSpec, repo_id: str, local: Path) -> list[Path]:
+    """The data files of a Hub dataset (its `name` folder only), from the local HF cache.
+
+    snapshot_download fetches what is missing unless HF_HUB_OFFLINE=1; then it only looks.
+    """
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+
+    where = f"Hugging Face dataset {repo_id}" + (f"@{src.revision}" if src.revision else "")
+    prefix = f"{src.name}/" if src.name else ""
+    try:
+        snapshot = Path(snapshot_download(
+            repo_id, repo_type="dataset", revision=src.revision,
+            allow_patterns=[f"{prefix}*{suffix}" for suffix in SUFFIXES["hf"]],
+        ))
+    except IncompleteSnapshotError as err:
+        raise RecipeError(f"{where}: the local HF cache holds only part of it: {err}") from None
+    except LocalEntryNotFoundError:
+        offline = " and HF_HUB_OFFLINE=1 forbids downloading it" if constants.HF_HUB_OFFLINE else ""
+        raise RecipeError(
+            f"{where} is not in the local HF cache ({constants.HF_HUB_CACHE}){offline}; "
+            f"no local path {local} exists either"
+        ) from None
+    except OSError as err:  # unknown repo or revision, no access, Hub unreachable
+        raise RecipeError(f"{where}: cannot be read from the Hub: {err}") from None
+    folder = snapshot / src.name if src.name else snapshot
+    files = _dataset_files(folder) if folder.is_dir() else []
+    if not files:
+        raise RecipeError(f"{where}: no .arrow or .parquet files under '{src.name or '.'}' in {snapshot}")
+    return files

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from dagster import ConfigurableResource
 from pydantic import Field
+
+from dataprep.executors import ExecutorSettings
 
 from . import settings
 from .store import ArtifactStore
@@ -16,9 +20,27 @@ class FoundryResource(ConfigurableResource):
     data_root: str = Field(default_factory=lambda: str(settings.data_root()))
     workers: int = Field(default_factory=settings.workers, description="curation processes")
     train_threads: int = Field(default_factory=settings.workers, description="torch CPU threads")
+    executor: str = Field(
+        default_factory=lambda: os.environ.get("FOUNDRY_EXECUTOR") or "local",
+        description="datatrove executor: local, slurm or ray (default: $FOUNDRY_EXECUTOR, else local)",
+    )
+    executor_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description=(
+            "ExecutorSettings fields over the FOUNDRY_EXECUTOR_* environment, e.g. "
+            "{partition: cpu, time: '04:00:00', cpus_per_task: 2, venv_path: /shared/foundry/.venv} "
+            "for slurm or {address: 'ray://head:10001'} for ray"
+        ),
+    )
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(Path(self.store_root))
 
     def data_path(self) -> Path:
         return Path(self.data_root)
+
+    def executor_settings(self) -> ExecutorSettings:
+        """The FOUNDRY_EXECUTOR_* environment, then `executor` and `executor_options` over it."""
+        if "kind" in self.executor_options:
+            raise ValueError("set the executor kind with `executor`, not executor_options.kind")
+        return ExecutorSettings.from_env(**{**self.executor_options, "kind": self.executor})

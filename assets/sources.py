@@ -33,12 +33,16 @@ def _common_parent(files: list[Path]) -> Path:
     return Path(os.path.commonpath([str(f.parent) for f in files]))
 
 
-def file_table(files: list[Path]) -> list[dict[str, Any]]:
+def file_names(files: list[Path]) -> dict[str, Path]:
+    """Name of each file relative to the source folder (its partition key) -> path."""
+    if not files:
+        return {}
     base = _common_parent(files)
-    return [
-        {"name": f.relative_to(base).as_posix(), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
-        for f in files
-    ]
+    return {f.relative_to(base).as_posix(): f for f in files}
+
+
+def file_table(files: list[Path]) -> list[dict[str, Any]]:
+    return [{"name": name, "bytes": f.stat().st_size, "sha256": file_sha256(f)} for name, f in file_names(files).items()]
 
 
 def content_hash(table: list[dict[str, Any]]) -> str:
@@ -50,8 +54,7 @@ def content_hash(table: list[dict[str, Any]]) -> str:
 
 def fingerprint(files: list[Path]) -> dict[str, list[int]]:
     """Cheap change detector (size, mtime) used by sync to decide whether to re-hash."""
-    base = _common_parent(files)
-    return {f.relative_to(base).as_posix(): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    return {name: [f.stat().st_size, f.stat().st_mtime_ns] for name, f in file_names(files).items()}
 
 
 def build_raw(ctx: BuildContext, table: list[dict[str, Any]]) -> dict[str, Any]:

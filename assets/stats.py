@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import duckdb
 
@@ -29,7 +30,8 @@ TABLES: dict[str, dict[str, Any]] = {
         "kind": "curated", "file": "decisions.parquet",
         "columns": {"doc_id": "VARCHAR", "kept": "BOOLEAN", "reason": "VARCHAR", "step": "VARCHAR",
                     "chars": "BIGINT", "words": "BIGINT", "shard": "INTEGER", "language": "VARCHAR",
-                    "language_score": "DOUBLE"},
+                    "language_score": "DOUBLE", "file": "VARCHAR", "url": "VARCHAR", "domain": "VARCHAR",
+                    "cluster_id": "BIGINT", "cluster_size": "BIGINT"},
     },
     "tokens": {
         "kind": "tokenized", "file": "stats.parquet", "columns": {"documents": "BIGINT", "tokens": "BIGINT"},

@@ -8,6 +8,10 @@ the plans, the same way the asset bodies compute store keys:
              its source files changed on disk (raw), or its output left the store
     fresh    otherwise
 
+A partitioned asset (one partition per source file) is one node here: fresh when every file
+raw_<source> recorded has a partition materialized with the output key that file gives now.
+Sync registers new files as partitions and runs only the partitions that are not fresh.
+
 Staleness reaches a child only once the parent is rebuilt and reports a *new* data version,
 so sync works in rounds: build the stale assets whose inputs are all fresh, then look again.
 A rebuild that reproduces its old output stops the wave there.
@@ -16,17 +20,19 @@ A rebuild that reproduces its old output stops the wave there.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from dagster import AssetKey, DagsterInstance, Definitions
 
 from . import lineage
+from .engine import read_json
 from .factory import RecipeAssets
 from .plan import AssetPlan
 from .recipe import source_files
 from .settings import data_root, store_root
+from .shards import shard_key
 from .sources import fingerprint
 from .store import ArtifactStore
 
@@ -38,6 +44,38 @@ class AssetState:
     reason: str = ""
     record: lineage.Record | None = None
     direct: bool = False  # stale for its own reason (runnable once its inputs are fresh)
+    partitions: list[str] = field(default_factory=list)  # partitions to (re)build, if partitioned
+
+
+def _upstream(plan: AssetPlan) -> list[AssetKey]:
+    """What must be fresh before this asset is built: inputs, ordering deps, a partitioned
+    asset's file listing."""
+    extra = [plan.context["raw"]] if plan.partitions else []
+    return list(dict.fromkeys([*plan.deps, *extra]))
+
+
+def _partitioned_state(instance: DagsterInstance, plan: AssetPlan, states: dict[AssetKey, AssetState],
+                       store: ArtifactStore) -> AssetState:
+    listing = states[plan.context["raw"]]
+    if listing.status != "fresh" or listing.record is None:
+        return AssetState(plan, "missing" if listing.status == "missing" else "stale",
+                          f"waiting for the file listing ({listing.plan.label})")
+    raw = store.lookup("raw", listing.record.store_key)
+    files = read_json(raw.path / "files.json") if raw else []
+    names = [row["name"] for row in files]
+    records = lineage.latest_by_partition(instance, plan.key, names)
+    todo = []
+    for row in files:
+        key = shard_key(plan, row["sha256"])
+        rec = records.get(row["name"])
+        if rec is None or rec.store_key != key or store.lookup("filtered", key) is None:
+            todo.append(row["name"])
+    if not todo:
+        return AssetState(plan, "fresh", "", None)
+    shown = ", ".join(todo[:3]) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
+    status = "missing" if not records else "stale"
+    return AssetState(plan, status, f"{len(todo)} of {len(files)} file partitions to build: {shown}", None,
+                      direct=True, partitions=todo)
 
 
 def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, AssetState],
@@ -62,7 +100,7 @@ def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, 
 
 def _blocked_by(plan: AssetPlan, states: dict[AssetKey, AssetState]) -> str:
     """Why this asset must not be built: an input failed a blocking check (or is blocked)."""
-    for up in plan.inputs.values():
+    for up in plan.deps:
         st = states[up]
         if st.status == "blocked":
             return f"upstream {up.to_user_string()} is blocked"
@@ -79,6 +117,9 @@ def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
     states: dict[AssetKey, AssetState] = {}
     for ra in recipes:
         for plan in ra.plans.values():  # topological order
+            if plan.partitions:
+                states[plan.key] = _partitioned_state(instance, plan, states, store)
+                continue
             rec = lineage.latest(instance, plan.key)
             if rec is None:
                 blocked = _blocked_by(plan, states)
@@ -93,7 +134,7 @@ def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
             if reason:
                 states[plan.key] = AssetState(plan, "stale", reason, rec, direct=True)
                 continue
-            waiting = [up for up in plan.inputs.values() if states[up].status != "fresh"]
+            waiting = [up for up in _upstream(plan) if states[up].status != "fresh"]
             if waiting:
                 names = ", ".join(sorted(u.to_user_string() for u in waiting))
                 states[plan.key] = AssetState(plan, "stale", f"upstream not fresh: {names}", rec)
@@ -106,7 +147,7 @@ def frontier(states: dict[AssetKey, AssetState]) -> list[AssetKey]:
     """Directly stale or missing assets whose inputs are all fresh."""
     return [
         key for key, s in states.items()
-        if s.status != "fresh" and s.direct and all(states[u].status == "fresh" for u in s.plan.inputs.values())
+        if s.status != "fresh" and s.direct and all(states[u].status == "fresh" for u in _upstream(s.plan))
     ]
 
 
@@ -149,21 +190,9 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
         for k in todo:
             echo(f"  · {states[k].plan.label}: {states[k].reason}")
         t0 = time.time()
-        result = job.execute_in_process(
-            instance=instance, asset_selection=todo, raise_on_error=False,
-            tags={"foundry/sync": "true"}, run_config=QUIET_RUN_CONFIG,
-        )
-        for key in todo:
-            label = states[key].plan.label
-            rec = lineage.latest(instance, key)
-            if rec is None or rec.run_id != result.run_id:
-                report.failed.append(label)
-                continue
-            touched.add(label)
-            (report.cache_hit if rec.cache == "hit" else report.ran).append(label)
-            echo(f"  {'=' if rec.cache == 'hit' else '✓'} {label} ({'cache hit' if rec.cache == 'hit' else 'ran'})")
+        failure = _run_round(job, instance, states, todo, report, touched, echo)
         if report.failed:
-            report.error = _failure_message(result) or "materialization failed"
+            report.error = failure or "materialization failed"
             echo(f"✗ failed: {', '.join(report.failed)}\n{report.error}")
             break
         echo(f"  round {round_no} done in {time.time() - t0:.1f}s")
@@ -183,6 +212,49 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
     report.untouched = [label for label in all_labels if label not in touched and label not in report.failed]
     report.seconds = time.time() - started
     return report
+
+
+def _execute(job, instance: DagsterInstance, keys: list[AssetKey], partition: str | None = None):
+    return job.execute_in_process(
+        instance=instance, asset_selection=keys, raise_on_error=False, partition_key=partition,
+        tags={"foundry/sync": "true"}, run_config=QUIET_RUN_CONFIG,
+    )
+
+
+def _note(report: SyncReport, touched: set[str], label: str, rec: lineage.Record | None, run_id: str,
+          echo: Callable[[str], None]) -> bool:
+    if rec is None or rec.run_id != run_id:
+        report.failed.append(label)
+        return False
+    touched.add(label.split("[")[0])
+    (report.cache_hit if rec.cache == "hit" else report.ran).append(label)
+    echo(f"  {'=' if rec.cache == 'hit' else '✓'} {label} ({'cache hit' if rec.cache == 'hit' else 'ran'})")
+    return True
+
+
+def _run_round(job, instance: DagsterInstance, states: dict[AssetKey, AssetState], todo: list[AssetKey],
+               report: SyncReport, touched: set[str], echo: Callable[[str], None]) -> str | None:
+    """Materialize one round: the unpartitioned assets in one run, then each partition to build."""
+    plain = [k for k in todo if not states[k].plan.partitions]
+    if plain:
+        result = _execute(job, instance, plain)
+        for key in plain:
+            _note(report, touched, states[key].plan.label, lineage.latest(instance, key), result.run_id, echo)
+        if report.failed:
+            return _failure_message(result)
+    for key in (k for k in todo if states[k].plan.partitions):
+        plan = states[key].plan
+        names = states[key].partitions
+        known = set(instance.get_dynamic_partitions(plan.partitions))
+        new = [n for n in names if n not in known]
+        if new:
+            instance.add_dynamic_partitions(plan.partitions, new)
+        for name in names:
+            result = _execute(job, instance, [key], partition=name)
+            rec = lineage.latest_by_partition(instance, key, [name]).get(name)
+            if not _note(report, touched, f"{plan.label}[{name}]", rec, result.run_id, echo):
+                return _failure_message(result)
+    return None
 
 
 def _failure_message(result) -> str | None:

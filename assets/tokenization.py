@@ -8,7 +8,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dataprep.tokenize import iter_curated_docs, load_tokenizer, sample_texts, train_bpe, tokenize_documents
+from dataprep.tokenize import iter_curated_docs, load_tokenizer, sample_texts, tokenize_documents, train_bpe
 
 from .engine import BuildContext
 from .sources import resolve_files

@@ -7,32 +7,37 @@ Pipeline (one datatrove task per output shard; the steps in brackets only when c
     -> JsonlWriter(kept documents)
 
 datatrove's own filters decide; `Judged` only records *which* step dropped a document and
-why, instead of discarding it, so `DecisionSink` can write one row per input document.
+why, instead of discarding it, so `DecisionSink` can write one row per input document. Each
+filter step also writes what it dropped to `excluded/<step>/<rank>.jsonl` (datatrove's
+exclusion writer), so a user can read what a step removed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from datatrove.data import Document
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters import (
     C4QualityFilter,
     FineWebQualityFilter,
     GopherQualityFilter,
     GopherRepetitionFilter,
 )
-from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.filters.base_filter import BaseFilter, get_filter_result
 from datatrove.pipeline.formatters import PIIFormatter
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.batching import batched
 
+from .executors import ExecutorSettings, make_executor, run_executor
 from .readers import CHARS_KEY, DROP_KEY, SHARD_KEY, SourceReader
 from .web import LANG_KEY, LANG_SCORE_KEY, STEP_KEY, Extracted, FastTextLanguageFilter, Formatted, OfflineURLFilter
 
@@ -47,6 +52,9 @@ FILTERS: dict[str, type[BaseFilter]] = {
     "fineweb_quality": FineWebQualityFilter,
 }
 
+# Every step that can drop a document, in pipeline order (minhash runs across files, later).
+STEP_ORDER = ["reader", "extraction", "url_filter", "language", *FILTERS, "minhash"]
+
 DECISION_SCHEMA = pa.schema(
     [
         ("doc_id", pa.string()),
@@ -58,8 +66,27 @@ DECISION_SCHEMA = pa.schema(
         ("words", pa.int64()),
         ("language", pa.string()),  # null unless the language step ran on the document
         ("language_score", pa.float64()),
+        ("url", pa.string()),  # null where the source has no url
+        ("domain", pa.string()),
     ]
 )
+
+
+# Starting datatrove's process pool costs ~5 s (each worker imports datatrove and spaCy), which
+# is more than one process needs for ~16 MB of text; below that, one process is faster.
+POOL_MIN_TEXT_BYTES = 16 * 2**20
+COMPRESSED_SUFFIXES = (".gz", ".zst", ".parquet", ".arrow")  # ~4x more text than bytes on disk
+
+
+POOL_MIN_DOCUMENTS = 5000  # ~16 MB of typical web text
+
+
+def useful_workers(files: list[Path], workers: int, tasks: int, limit: int | None = None) -> int:
+    """Processes worth starting for these inputs (the output never depends on it)."""
+    text_bytes = sum(f.stat().st_size * (4 if f.name.endswith(COMPRESSED_SUFFIXES) else 1) for f in files)
+    if text_bytes < POOL_MIN_TEXT_BYTES or (limit is not None and limit < POOL_MIN_DOCUMENTS):
+        return 1
+    return max(1, min(workers, tasks))
 
 
 def build_filter(name: str, params: dict[str, Any]) -> BaseFilter:
@@ -76,27 +103,36 @@ class Judged(PipelineStep):
 
     type = "🔻 - FILTER"
 
-    def __init__(self, step: str, inner: BaseFilter):
+    def __init__(self, step: str, inner: BaseFilter, excluded_dir: str | None = None):
         self.name = f"⚖ {step}"  # set before super().__init__, which names the stats
         super().__init__()
         self.step = step
         self.inner = inner
+        self.excluded_dir = excluded_dir
+
+    def _exclusion_writer(self):
+        if self.excluded_dir is None:
+            return contextlib.nullcontext(None)
+        return JsonlWriter(self.excluded_dir, output_filename="${rank}.jsonl", compression=None, adapter=_adapter)
 
     def run(self, data: Iterator[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        for batch in batched(data, self.inner.batch_size):
-            live = [d for d in batch if DROP_KEY not in d.metadata]
-            with self.track_time():
-                results = self.inner.filter_batch(live) if live else []
-            for doc, result in zip(live, results, strict=True):
-                keep, reason = get_filter_result(result)
-                self.stat_update("total")
-                if keep:
-                    self.stat_update("forwarded")
-                else:
+        with self._exclusion_writer() as excluded:
+            for batch in batched(data, self.inner.batch_size):
+                live = [d for d in batch if DROP_KEY not in d.metadata]
+                with self.track_time():
+                    results = self.inner.filter_batch(live) if live else []
+                for doc, result in zip(live, results, strict=True):
+                    keep, reason = get_filter_result(result)
+                    self.stat_update("total")
+                    if keep:
+                        self.stat_update("forwarded")
+                        continue
                     self.stat_update("dropped", f"dropped_{reason}")
                     doc.metadata[DROP_KEY] = f"{self.step}:{reason or 'dropped'}"
                     doc.metadata[STEP_KEY] = self.step
-            yield from batch
+                    if excluded is not None:
+                        excluded.write(doc, rank)
+                yield from batch
 
 
 class DecisionSink(PipelineStep):
@@ -125,6 +161,9 @@ class DecisionSink(PipelineStep):
             rows["words"].append(len(doc.text.split()))
             rows["language"].append(doc.metadata.pop(LANG_KEY, None))
             rows["language_score"].append(doc.metadata.pop(LANG_SCORE_KEY, None))
+            url = doc.metadata.get("url")
+            rows["url"].append(url if isinstance(url, str) else None)
+            rows["domain"].append(url_domain(url))
             if drop is None:
                 self.stat_update("kept")
                 yield doc
@@ -135,26 +174,45 @@ class DecisionSink(PipelineStep):
         pq.write_table(pa.table(rows, schema=DECISION_SCHEMA), out / f"{rank:05d}.parquet")
 
 
+def url_domain(url) -> str | None:
+    """Host of a URL without a leading www. (None when there is no parseable URL)."""
+    if not isinstance(url, str) or not url:
+        return None
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return None
+    return host.removeprefix("www.") if host else None
+
+
 def _strip_internal(doc: Document) -> dict:
     meta = {k: v for k, v in doc.metadata.items() if not k.startswith("foundry_")}
     return {"id": doc.id, "text": doc.text, "metadata": meta}
 
 
 def curation_steps(
-    files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None, curation: dict[str, Any]
+    files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None, curation: dict[str, Any],
+    excluded_dir: Path | None = None,
 ) -> list[PipelineStep]:
-    """Reader, extraction and the configured steps in FineWeb's order (no sink, no writer)."""
+    """Reader, extraction and the configured steps in FineWeb's order (no sink, no writer).
+
+    With `excluded_dir`, each filter step writes the documents it drops to excluded_dir/<step>/.
+    """
+
+    def judged(step: str, inner: BaseFilter) -> Judged:
+        return Judged(step, inner, str(excluded_dir / step) if excluded_dir is not None else None)
+
     steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
     if kind == "warc":
         steps.append(Extracted(Trafilatura(timeout=EXTRACTION_TIMEOUT)))
     if curation.get("url_filter") is not None:
-        steps.append(Judged("url_filter", OfflineURLFilter(**curation["url_filter"])))
+        steps.append(judged("url_filter", OfflineURLFilter(**curation["url_filter"])))
     if curation.get("language") is not None:
-        steps.append(Judged("language", FastTextLanguageFilter(**curation["language"])))
+        steps.append(judged("language", FastTextLanguageFilter(**curation["language"])))
     for name in FILTERS:
         params = curation.get(name)
         if params is not None:
-            steps.append(Judged(name, build_filter(name, params)))
+            steps.append(judged(name, build_filter(name, params)))
     if curation.get("pii") is not None:
         steps.append(Formatted("pii", PIIFormatter(**curation["pii"])))
     return steps
@@ -171,12 +229,14 @@ def run_curation(
     out_dir: Path,
     workers: int,
     logs_dir: Path | None = None,
+    executor: ExecutorSettings | None = None,
 ) -> dict[str, Any]:
     """Curate one source into out_dir/{docs,decisions}; returns counts.
 
     datatrove's task logs and per-step stats go to logs_dir (default: beside out_dir, removed).
+    `executor` picks where the tasks run (local processes by default; Slurm or Ray).
     """
-    steps = curation_steps(files, kind, text_key, id_key, limit, curation)
+    steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=out_dir / "excluded")
     steps.append(DecisionSink(str(out_dir / "decisions")))
     # Uncompressed output: gzip headers carry timestamps, which would make identical
     # content hash differently and wake up everything downstream.
@@ -187,14 +247,8 @@ def run_curation(
     logs = Path(logs_dir) if keep_logs else out_dir.parent / f"{out_dir.name}.logs"
     if keep_logs:
         shutil.rmtree(logs, ignore_errors=True)  # a previous, interrupted attempt of this key
-    executor = LocalPipelineExecutor(
-        pipeline=steps,
-        tasks=shards,
-        workers=min(workers, shards),
-        logging_dir=str(logs),
-        skip_completed=False,
-    )
-    executor.run()
+    settings = executor or ExecutorSettings()
+    run_executor(make_executor(steps, shards, workers, str(logs), settings, job_name="curate"), settings)
     if not keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
     return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")

@@ -2,13 +2,19 @@
 
 Every line of input becomes exactly one Document, so every input gets one decision row.
 Lines that cannot be used are not raised as errors: they flow on marked with a drop reason
-(`malformed`, `invalid_utf8`, `empty`) and no filter looks at them.
+(`malformed`, `invalid_utf8`, `empty`, `truncated`) and no filter looks at them. A file that
+breaks off (a cut .gz, a cut Arrow stream) keeps the documents read before the break and ends
+with one `truncated` row whose metadata["error"] says what happened; a file that turns to
+garbage ends with one `malformed` row the same way.
 
 WARC files: every `response` record is one Document whose text is the raw HTML (the
 extraction step turns it into text); other record types (warcinfo, request, metadata,
 resource) are not documents. A response that is not HTML, has no body or cannot be decoded
 is marked `not_html`, `empty` or `undecodable`; a record warcio cannot parse ends the file
-with one `malformed` row.
+with one `malformed` row, and a record cut short ends it with one `truncated` row.
+
+Hugging Face datasets (kind `hf`): every file is read on its own, one row per Document:
+`.arrow` files as written by `Dataset.save_to_disk` (Arrow IPC streams) and `.parquet` files.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Iterator
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
@@ -28,32 +35,82 @@ SHARD_KEY = "foundry_shard"
 
 
 def open_binary(path: Path) -> io.BufferedIOBase:
+    """The file's bytes, decompressed; a compressed stream that was cut raises EOFError."""
     if path.name.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.name.endswith(".zst"):
+        return io.BufferedReader(_ZstdStream(path))
+    return open(path, "rb")
+
+
+class _ZstdStream(io.RawIOBase):
+    """A .zst file decompressed frame by frame.
+
+    zstandard's own reader can neither be iterated by line nor tell a cut file from a whole one
+    (it just ends); this raises EOFError where the last frame stops early, as gzip does.
+    """
+
+    def __init__(self, path: Path):
         import zstandard
 
-        return zstandard.open(path, "rb")
-    return open(path, "rb")
+        super().__init__()
+        self._file = open(path, "rb")  # noqa: SIM115 - closed with this stream
+        self._dctx = zstandard.ZstdDecompressor()
+        self._frame = None  # decompressor of the current frame
+        self._input = b""  # compressed bytes not yet handed to a frame
+        self._output = b""
+        self._pos = 0  # bytes of _output already returned
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._pos >= len(self._output):
+            if not self._input:
+                self._input = self._file.read(1 << 17)
+                if not self._input:
+                    if self._frame is not None and not self._frame.eof:
+                        raise EOFError("zstd frame ends before its end marker")
+                    return 0
+            if self._frame is None or self._frame.eof:
+                self._frame = self._dctx.decompressobj()
+            self._output, self._pos = self._frame.decompress(self._input), 0
+            self._input = self._frame.unused_data if self._frame.eof else b""
+        n = min(len(buffer), len(self._output) - self._pos)
+        buffer[:n] = self._output[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
 
 
 def iter_records(
     files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None = None
 ) -> Iterator[Document]:
-    """All documents of a source in a stable order, each with its drop reason (if any)."""
+    """All documents of a source in a stable order, each with its drop reason (if any).
+
+    Each file is read on its own (no state crosses files), so one file alone gives the same
+    documents as it does inside the whole list.
+    """
     count = 0
     for path in files:
-        if kind == "jsonl":
-            records = _iter_jsonl(path, text_key, id_key)
-        elif kind == "warc":
-            records = _iter_warc(path)
-        else:
-            records = _iter_parquet(path, text_key, id_key)
-        for doc in records:
+        for doc in _file_reader(path, kind)(path, text_key, id_key):
             if limit is not None and count >= limit:
                 return
             count += 1
             yield doc
+
+
+def _file_reader(path: Path, kind: str) -> Callable[[Path, str, str], Iterator[Document]]:
+    if kind == "jsonl":
+        return _iter_jsonl
+    if kind == "warc":
+        return lambda p, _text_key, _id_key: _iter_warc(p)
+    if kind == "hf" and path.name.endswith(".arrow"):
+        return _iter_arrow
+    return _iter_parquet  # kind parquet, and hf's .parquet files
 
 
 def _make_doc(text: str, doc_id: str, metadata: dict, drop: str | None) -> Document:
@@ -65,35 +122,146 @@ def _make_doc(text: str, doc_id: str, metadata: dict, drop: str | None) -> Docum
     return Document(text=text, id=doc_id, metadata=metadata)
 
 
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"[:200]
+
+
+def _broken_doc(path: Path, position: int, err: BaseException, drop: str, doc_id: str | None = None,
+                meta: dict | None = None) -> Document:
+    """The one row a file ends with when the rest of it cannot be read."""
+    meta = {**(meta or {}), "file": path.name, "line": position, "error": _describe(err)}
+    return _make_doc("", doc_id or f"{path.name}:{position}", meta, drop)
+
+
+def _cut_or_garbage(err: BaseException) -> str:
+    # EOFError is how gzip says the compressed stream stopped before its end marker.
+    return "truncated" if isinstance(err, EOFError) else "malformed"
+
+
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    """What reading a compressed file raises when its bytes are cut or damaged."""
+    errors: tuple[type[BaseException], ...] = (EOFError, OSError, zlib.error)  # gzip.BadGzipFile is an OSError
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
+
+
+# --------------------------------------------------------------------- JSONL
+
+
 def _iter_jsonl(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
+    errors = _decompress_errors()
+    lineno = 0
     with open_binary(path) as f:
-        for lineno, raw in enumerate(f, start=1):
-            fallback_id = f"{path.name}:{lineno}"
-            if not raw.strip():
-                continue  # blank line between records: not a document
+        lines = iter(f)
+        while True:
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                # Keep the record's id if the JSON still parses, but never train on mojibake.
-                record = _try_json(raw.decode("utf-8", errors="replace"))
-                doc_id = str(record.get(id_key)) if isinstance(record, dict) and record.get(id_key) else fallback_id
-                yield _make_doc("", doc_id, {"file": path.name, "line": lineno}, "invalid_utf8")
-                continue
-            record = _try_json(line)
-            if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                yield _make_doc("", fallback_id, {"file": path.name, "line": lineno}, "malformed")
-                continue
-            yield _record_to_doc(record, text_key, id_key, fallback_id, path.name, lineno)
+                raw = next(lines)
+            except StopIteration:
+                return
+            except errors as err:  # a cut or damaged .gz/.zst: the lines before it stand
+                yield _broken_doc(path, lineno + 1, err, _cut_or_garbage(err))
+                return
+            lineno += 1
+            if raw.strip():  # a blank line between records is not a document
+                yield _jsonl_doc(raw, path, lineno, text_key, id_key)
+
+
+def _jsonl_doc(raw: bytes, path: Path, lineno: int, text_key: str, id_key: str) -> Document:
+    fallback_id = f"{path.name}:{lineno}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        # Keep the record's id if the JSON still parses, but never train on mojibake.
+        record = _try_json(raw.decode("utf-8", errors="replace"))
+        doc_id = str(record.get(id_key)) if isinstance(record, dict) and record.get(id_key) else fallback_id
+        return _make_doc("", doc_id, {"file": path.name, "line": lineno}, "invalid_utf8")
+    record = _try_json(line)
+    if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+        return _make_doc("", fallback_id, {"file": path.name, "line": lineno}, "malformed")
+    return _record_to_doc(record, text_key, id_key, fallback_id, path.name, lineno)
+
+
+# --------------------------------------------------------------------- Parquet and Arrow
+
+BATCH_ROWS = 1024  # rows turned into Python objects at a time
 
 
 def _iter_parquet(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pf = pq.ParquetFile(path)
-    if text_key not in pf.schema_arrow.names:
-        raise ValueError(f"{path}: no column '{text_key}' (columns: {pf.schema_arrow.names})")
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:  # cut or not Parquet at all: no footer to read
+        yield _broken_doc(path, 1, err, "malformed")
+        return
+    _require_column(path, pf.schema_arrow.names, text_key)
+    yield from _iter_rows(path, pf.iter_batches(batch_size=BATCH_ROWS), text_key, id_key, "malformed")
+
+
+def _iter_arrow(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
+    """An .arrow file of a `save_to_disk` dataset: an Arrow IPC stream, one record batch at a time.
+
+    Read through a plain file handle rather than a memory map: only the batch in hand is in
+    memory, and resident memory stays that small on multi-GB files.
+    """
+    import pyarrow as pa
+
+    with pa.OSFile(str(path), "rb") as source:
+        try:
+            names, batches = _open_arrow(source)
+        except (pa.ArrowException, OSError) as err:
+            yield _broken_doc(path, 1, err, "malformed")
+            return
+        _require_column(path, names, text_key)
+        # A stream has no footer: one that breaks off mid-batch was cut.
+        yield from _iter_rows(path, _sliced(batches), text_key, id_key, "truncated")
+
+
+def _open_arrow(source) -> tuple[list[str], Iterator]:
+    """Column names and record batches of an Arrow IPC stream (or IPC file)."""
+    import pyarrow as pa
+
+    try:
+        stream = pa.ipc.open_stream(source)  # what `datasets` writes
+        return stream.schema.names, iter(stream)
+    except pa.ArrowInvalid:
+        source.seek(0)
+        archive = pa.ipc.open_file(source)  # the random-access IPC format, written by other tools
+        return archive.schema.names, (archive.get_batch(i) for i in range(archive.num_record_batches))
+
+
+def _sliced(batches: Iterator) -> Iterator:
+    # datasets writes 1000-row batches by default, but any size is allowed.
+    for batch in batches:
+        for start in range(0, batch.num_rows, BATCH_ROWS):
+            yield batch.slice(start, BATCH_ROWS)
+
+
+def _require_column(path: Path, names: list[str], text_key: str) -> None:
+    # A missing text column is a recipe mistake, not bad input: fail loudly.
+    if text_key not in names:
+        raise ValueError(f"{path}: no column '{text_key}' (columns: {names})")
+
+
+def _iter_rows(path: Path, batches: Iterator, text_key: str, id_key: str, broken: str) -> Iterator[Document]:
+    """One Document per row; a batch that cannot be read ends the file with one `broken` row."""
+    import pyarrow as pa
+
     row = 0
-    for batch in pf.iter_batches(batch_size=1024):
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as err:
+            yield _broken_doc(path, row + 1, err, broken)
+            return
         for record in batch.to_pylist():
             row += 1
             fallback_id = f"{path.name}:{row}"
@@ -102,6 +270,8 @@ def _iter_parquet(path: Path, text_key: str, id_key: str) -> Iterator[Document]:
                 continue
             yield _record_to_doc(record, text_key, id_key, fallback_id, path.name, row)
 
+
+# --------------------------------------------------------------------- WARC
 
 HTML_TYPES = ("text/html", "application/xhtml+xml")
 
@@ -148,40 +318,104 @@ def _payload_type(record, body: bytes) -> str:
     return magic.from_buffer(body, mime=True)
 
 
+class _WarcStream(io.RawIOBase):
+    """The bytes of a WARC for warcio, with the gzip layer decompressed here and watched.
+
+    warcio's own gzip handling ends quietly where a member is cut (a short body, or no more
+    records), so a truncated file would read like a shorter intact one. Python's gzip raises
+    instead; the error is kept in `error` and warcio sees an end of file.
+    """
+
+    def __init__(self, raw: io.BufferedIOBase):
+        super().__init__()
+        self._raw = raw  # the file as `open_binary` gives it: .gz already undone
+        self.error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.error is not None:
+            return 0
+        try:
+            # read1: one read underneath, so bytes decompressed before an error are never lost
+            data = self._raw.read1(len(buffer))
+        except (EOFError, OSError, zlib.error) as err:  # cut member, garbage between members
+            self.error = err
+            return 0
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _iter_warc(path: Path) -> Iterator[Document]:
-    from datatrove.pipeline.readers.warc import process_record
     from warcio.archiveiterator import ArchiveIterator
 
     index = 0
-    with open(path, "rb") as f:
-        records = iter(ArchiveIterator(f))
+    with open_binary(path) as raw:
+        stream = _WarcStream(raw)
+        records = iter(ArchiveIterator(stream))
         while True:
             try:
                 record = next(records)
-                if record.rec_type != "response":
-                    continue
-                index += 1
-                headers = record.rec_headers
-                meta = {"url": headers.get("WARC-Target-URI"), "date": headers.get("WARC-Date"),
-                        "file": path.name, "line": index}
-                doc_id = headers.get("WARC-Record-ID") or f"{path.name}:{index}"
-                body = record.content_stream().read()
             except StopIteration:
+                break
+            except Exception as err:  # noqa: BLE001 - warcio raises many kinds; the rest is unreadable
+                err = stream.error or err
+                yield _broken_doc(path, index + 1, err, _cut_or_garbage(err))
                 return
-            except Exception as err:  # truncated gzip, broken headers: the rest of the file is unreadable
-                meta = {"file": path.name, "line": index + 1, "error": f"{type(err).__name__}: {err}"[:200]}
-                yield _make_doc("", f"{path.name}:{index + 1}", meta, "malformed")
+            if record.rec_type != "response":
+                continue
+            index += 1
+            doc_id, meta = _warc_identity(record, path, index)
+            try:
+                body = record.content_stream().read()
+                missing = _missing_bytes(record)
+            except Exception as err:  # noqa: BLE001 - e.g. broken chunked encoding, or a cut in it
+                err = stream.error or err
+                yield _broken_doc(path, index, err, _cut_or_garbage(err), doc_id, meta)
                 return
-            meta = {k: v for k, v in meta.items() if v is not None}
-            if not body.strip():
-                yield _make_doc("", doc_id, meta, "empty")
-                continue
-            extracted = process_record(_BufferedRecord(record, body))  # datatrove's own decision
-            if extracted is None:
-                drop = "not_html" if _payload_type(record, body) not in HTML_TYPES else "undecodable"
-                yield _make_doc("", doc_id, meta, drop)
-                continue
-            yield _make_doc(extracted["text"], doc_id, meta, None)
+            if missing:
+                # A partial page must not pass for a whole one.
+                err = stream.error or EOFError(f"record ends {missing} bytes before its Content-Length")
+                yield _broken_doc(path, index, err, "truncated", doc_id, meta)
+                return
+            yield _warc_doc(record, body, doc_id, meta)
+    if stream.error is not None:  # cut between or inside non-response records
+        yield _broken_doc(path, index + 1, stream.error, _cut_or_garbage(stream.error))
+
+
+def _warc_identity(record, path: Path, index: int) -> tuple[str, dict]:
+    headers = record.rec_headers
+    meta = {"url": headers.get("WARC-Target-URI"), "date": headers.get("WARC-Date"), "file": path.name, "line": index}
+    doc_id = headers.get("WARC-Record-ID") or f"{path.name}:{index}"
+    return doc_id, {k: v for k, v in meta.items() if v is not None}
+
+
+def _missing_bytes(record) -> int:
+    """Bytes of the record's block (per its Content-Length) that the file did not hold."""
+    from warcio.limitreader import LimitReader
+
+    raw = record.raw_stream
+    if not isinstance(raw, LimitReader):
+        return 0  # no Content-Length: nothing to compare with (and draining would read on)
+    while raw.read(1 << 16):  # what the payload reader left, e.g. after a compressed body
+        pass
+    return raw.limit
+
+
+def _warc_doc(record, body: bytes, doc_id: str, meta: dict) -> Document:
+    from datatrove.pipeline.readers.warc import process_record
+
+    if not body.strip():
+        return _make_doc("", doc_id, meta, "empty")
+    extracted = process_record(_BufferedRecord(record, body))  # datatrove's own decision
+    if extracted is None:
+        drop = "not_html" if _payload_type(record, body) not in HTML_TYPES else "undecodable"
+        return _make_doc("", doc_id, meta, drop)
+    return _make_doc(extracted["text"], doc_id, meta, None)
+
+
+# --------------------------------------------------------------------- records
 
 
 def _record_to_doc(record: dict, text_key: str, id_key: str, fallback_id: str, fname: str, lineno: int) -> Document:

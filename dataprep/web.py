@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections import deque
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep

@@ -15,7 +15,7 @@ _TINY = {
         "commoncrawl": {
             "kind": "jsonl",
             "path": "web/commoncrawl_raw",
-            "limit": 150,
+            "limit": 40,  # per file
             "curation": {"gopher_repetition": {}, "gopher_quality": {"min_doc_words": 50}, "c4_quality": {},
                          "fineweb_quality": {}},
         },

@@ -37,7 +37,7 @@ def test_definitions_wire_groups_automation_and_sensor():
     loaded, defs = _demo()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert "demo/curated_fineweb" in keys and "demo/data_stats" in keys and len(keys) == 11
+    assert "demo/curated_fineweb" in keys and "demo/data_stats" in keys and len(keys) == 13
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.group_name == "demo"
@@ -49,13 +49,20 @@ def test_definitions_wire_groups_automation_and_sensor():
     assert graph.get(AssetKey(["demo", "eval_report"])).automation_condition is not None
     sensor = defs.resolve_sensor_def("foundry_automation")
     assert sensor.default_status == DefaultSensorStatus.RUNNING
+    # one partition per source file, added by a running sensor per source
+    filtered = graph.get(AssetKey(["demo", "filtered_commoncrawl"]))
+    assert filtered.partitions_def.name == "demo__commoncrawl__files"
+    assert filtered.automation_condition.get_label() == "own code version changed"
+    watcher = defs.resolve_sensor_def("demo__commoncrawl__files_sensor")
+    assert watcher.default_status == DefaultSensorStatus.RUNNING
 
 
 def test_graph_dependencies():
     loaded, defs = _demo()
     graph = defs.resolve_asset_graph()
     parents = lambda name: {k.to_user_string() for k in graph.get(AssetKey(["demo", name])).parent_keys}  # noqa: E731
-    assert parents("curated_commoncrawl") == {"demo/raw_commoncrawl"}
+    assert parents("filtered_commoncrawl") == set()  # a root: its partitions are the files
+    assert parents("curated_commoncrawl") == {"demo/raw_commoncrawl", "demo/filtered_commoncrawl"}
     assert parents("tokenizer") == {"demo/raw_fineweb", "demo/raw_commoncrawl"}  # raw, not curated
     assert parents("tokenized_fineweb") == {"demo/curated_fineweb", "demo/tokenizer"}
     assert parents("mixture") == {"demo/tokenized_fineweb", "demo/tokenized_commoncrawl"}

@@ -90,7 +90,7 @@ def test_code_version_is_logic_version_plus_spec():
 def test_code_versions_stable_across_processes_and_settings(tmp_path):
     recipe = load_recipe(DEMO)
     expected = demo_versions(recipe)
-    assert len(expected) == 11
+    assert len(expected) == 13
     assert len(set(expected.values())) >= 8  # real, distinct hashes
 
     alias = tmp_path / "data_alias"
@@ -161,20 +161,34 @@ def test_yaml_key_order_does_not_change_hashes(tmp_path):
 
 def test_one_threshold_changes_only_that_sources_curated_version():
     base = demo_versions(parse_recipe(recipe_dict()))
-    # identical curation specs: identical code versions
-    assert base["demo/curated_fineweb"] == base["demo/curated_commoncrawl"]
+    # identical curation and reading: identical code versions (the demo's fineweb has a limit)
+    same = recipe_dict()
+    same["sources"]["fineweb"].pop("limit")
+    same_versions = demo_versions(parse_recipe(same))
+    assert same_versions["demo/curated_fineweb"] == same_versions["demo/curated_commoncrawl"]
 
     d = recipe_dict()
     d["sources"]["fineweb"]["curation"]["gopher_quality"]["min_doc_words"] = 60
     changed = demo_versions(parse_recipe(d))
     diff = {k for k in base if base[k] != changed[k]}
-    assert diff == {"demo/curated_fineweb"}
+    assert diff == {"demo/filtered_fineweb", "demo/curated_fineweb"}
 
-    # a nested repetition threshold of the other source: only its curated version
+    # a nested repetition threshold of the other source: only its versions
     d = recipe_dict()
     d["sources"]["commoncrawl"]["curation"]["gopher_repetition"] = {"top_n_grams": {2: 0.25, 3: 0.18, 4: 0.16}}
     changed = demo_versions(parse_recipe(d))
-    assert {k for k in base if base[k] != changed[k]} == {"demo/curated_commoncrawl"}
+    assert {k for k in base if base[k] != changed[k]} == {"demo/filtered_commoncrawl", "demo/curated_commoncrawl"}
+
+    # dedup settings: the per-file partitions keep their outputs, only the gathering step reruns
+    d = recipe_dict()
+    d["sources"]["fineweb"]["curation"]["minhash"] = {"num_buckets": 20}
+    changed = demo_versions(parse_recipe(d))
+    assert {k for k in base if base[k] != changed[k]} == {"demo/curated_fineweb"}
+
+    # check bounds guard the output but never change it
+    d = recipe_dict()
+    d["sources"]["fineweb"]["curation"]["checks"] = {"keep_rate": {"min": 0.5, "blocking": True}}
+    assert demo_versions(parse_recipe(d)) == base
 
 
 def test_execution_knobs_are_not_hashed_but_shards_and_limit_are():
@@ -187,12 +201,13 @@ def test_execution_knobs_are_not_hashed_but_shards_and_limit_are():
     d = recipe_dict()
     d["sources"]["fineweb"]["shards"] = 4
     changed = demo_versions(parse_recipe(d))
-    assert {k for k in base if base[k] != changed[k]} == {"demo/curated_fineweb"}
+    assert {k for k in base if base[k] != changed[k]} == {"demo/filtered_fineweb", "demo/curated_fineweb"}
 
     d = recipe_dict()
     d["sources"]["fineweb"]["limit"] = 999
     changed = demo_versions(parse_recipe(d))
-    assert {k for k in base if base[k] != changed[k]} == {"demo/raw_fineweb"}
+    assert {k for k in base if base[k] != changed[k]} == {"demo/raw_fineweb", "demo/filtered_fineweb",
+                                                          "demo/curated_fineweb"}
 
 
 def test_store_key_moves_with_inputs():

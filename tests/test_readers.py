@@ -18,7 +18,7 @@ from datatrove.pipeline.filters import (
 )
 from datatrove.pipeline.filters.base_filter import get_filter_result
 
-from assets.recipe import CurationSpec
+from assets.recipe import CurationSpec, RecipeError, SourceSpec, source_files
 from assets.settings import data_root
 from dataprep.curate import run_curation
 from dataprep.readers import CHARS_KEY, DROP_KEY, iter_records
@@ -142,6 +142,343 @@ def test_limit_counts_across_files(tmp_path):
     assert [d.id for d in read([b, a], limit=3)] == ["b1", "b2", "a1"]
 
 
+# --------------------------------------------------------------------- files that break off or turn to garbage
+
+WARC_DIR = data_root() / "web" / "warc"
+
+
+def drops(docs: list[Document]) -> list[str | None]:
+    return [d.metadata.get(DROP_KEY) for d in docs]
+
+
+def fineweb_lines(n: int) -> list[bytes]:
+    lines = []
+    with gzip.open(data_root() / FINEWEB, "rb") as f:
+        for line in f:
+            lines.append(line)
+            if len(lines) == n:
+                return lines
+    return lines
+
+
+@pytest.mark.parametrize("keep", [0.004, 0.5, 0.999])
+def test_truncated_jsonl_gz_keeps_complete_lines(tmp_path, keep):
+    lines = fineweb_lines(200)
+    blob = gzip.compress(b"".join(lines))
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(blob[: int(len(blob) * keep)])
+    docs = read(p)
+    *complete, cut = docs
+    assert drops(complete) == [None] * len(complete)
+    assert [(d.id, d.text) for d in complete] == [(r["id"], r["text"]) for r in map(json.loads, lines[: len(complete)])]
+    assert (cut.id, cut.text, cut.metadata[DROP_KEY]) == (f"cut.jsonl.gz:{len(complete) + 1}", "", "truncated")
+    assert cut.metadata["error"].startswith("EOFError: ")
+    assert cut.metadata["line"] == len(complete) + 1
+    assert len(complete) < 200 and (keep < 0.5 or len(complete) > 90)
+
+
+def test_truncated_jsonl_gz_is_counted_by_curation(tmp_path):
+    blob = gzip.compress(b"".join(fineweb_lines(40)))
+    p = tmp_path / "cut.jsonl.gz"
+    p.write_bytes(blob[: len(blob) // 2])
+    n_complete = len(read(p)) - 1
+    counts = run_curation(files=[p], kind="jsonl", text_key="text", id_key="id", limit=None, shards=1,
+                          curation={"gopher_repetition": None, "gopher_quality": None, "c4_quality": None,
+                                    "fineweb_quality": None}, out_dir=tmp_path / "cur", workers=1)
+    assert counts["documents"] == n_complete + 1
+    assert counts["reasons"] == {"truncated": 1}
+    rows = pq.read_table(tmp_path / "cur" / "decisions.parquet").to_pylist()
+    assert [(r["reason"], r["step"]) for r in rows if not r["kept"]] == [("truncated", "reader")]
+
+
+def test_truncated_jsonl_zst(tmp_path):
+    import zstandard
+
+    lines = fineweb_lines(60)
+    cctx = zstandard.ZstdCompressor()
+    blob = cctx.compress(b"".join(lines[:30])) + cctx.compress(b"".join(lines[30:]))  # two frames
+    whole, cut = tmp_path / "whole.jsonl.zst", tmp_path / "cut.jsonl.zst"
+    whole.write_bytes(blob)
+    cut.write_bytes(blob[: len(blob) * 3 // 4])  # inside the second frame
+    assert [d.id for d in read(whole)] == [json.loads(line)["id"] for line in lines]
+    docs = read(cut)
+    assert drops(docs) == [None] * (len(docs) - 1) + ["truncated"]
+    assert 30 <= len(docs) - 1 < 60
+
+
+def warc_members(path: Path) -> list[tuple[int, int, str]]:
+    """(offset, length, record type) of each gzip member of a .warc.gz."""
+    from warcio.archiveiterator import ArchiveIterator
+
+    with open(path, "rb") as f:
+        it = ArchiveIterator(f)
+        return [(it.get_record_offset(), it.get_record_length(), rec.rec_type) for rec in it]
+
+
+def test_warc_sample_has_no_truncated_or_malformed_rows():
+    docs = read(sorted(WARC_DIR.glob("*.warc.gz")), kind="warc")
+    assert len(docs) == 37
+    assert drops(docs) == [None] * 37
+
+
+@pytest.mark.parametrize("where", ["response_body", "request_headers", "gzip_trailer"])
+def test_truncated_warc_gz(tmp_path, where):
+    sample = WARC_DIR / "sample-0000.warc.gz"
+    data = sample.read_bytes()
+    members = warc_members(sample)
+    whole = read(sample, kind="warc")
+    k = [i for i, m in enumerate(members) if m[2] == "response"][5]  # the sixth response
+    offset, length, _ = members[k]
+    cut = {"response_body": offset + length // 2, "request_headers": members[k + 1][0] + 40,
+           "gzip_trailer": offset + length - 3}[where]
+    p = tmp_path / "cut.warc.gz"
+    p.write_bytes(data[:cut])
+    docs = read(p, kind="warc")
+    *complete, last = docs
+    kept = 5 if where == "response_body" else 6  # the sixth response is whole unless its body was cut
+    assert [(d.id, d.text, drops([d])) for d in complete] == [(d.id, d.text, [None]) for d in whole[:kept]]
+    assert (last.text, last.metadata[DROP_KEY]) == ("", "truncated")
+    if where == "response_body":  # the cut page is named, and not passed on as a shorter page
+        assert (last.id, last.metadata["url"]) == (whole[5].id, whole[5].metadata["url"])
+        assert last.metadata["line"] == 6
+    else:
+        assert (last.id, last.metadata["line"]) == ("cut.warc.gz:7", 7)
+    assert last.metadata["error"].startswith("EOFError: ")
+
+
+def test_truncated_plain_warc(tmp_path):
+    plain = gzip.decompress((WARC_DIR / "sample-0001.warc.gz").read_bytes())
+    p = tmp_path / "cut.warc"
+    p.write_bytes(plain[: len(plain) // 2])
+    whole = read(WARC_DIR / "sample-0001.warc.gz", kind="warc")
+    *complete, last = read(p, kind="warc")
+    assert [d.id for d in complete] == [d.id for d in whole[: len(complete)]]
+    assert drops(complete) == [None] * len(complete)
+    assert (last.id, last.metadata[DROP_KEY]) == (whole[len(complete)].id, "truncated")
+    assert "before its Content-Length" in last.metadata["error"]
+
+
+@pytest.mark.parametrize("junk", ["raw_bytes", "gzip_member", "plain_warc"])
+def test_warc_garbage_between_records(tmp_path, junk):
+    sample = WARC_DIR / "sample-0000.warc.gz"
+    data = sample.read_bytes()
+    members = warc_members(sample)
+    k = [i for i, m in enumerate(members) if m[2] == "request"][4]  # before the fifth response
+    whole = read(sample, kind="warc")
+    if junk == "plain_warc":
+        p = tmp_path / "junk.warc"
+        head = gzip.decompress(data[: members[k][0]])
+        p.write_bytes(head + b"garbage line\r\nmore garbage\r\n\r\n" + gzip.decompress(data[members[k][0]:]))
+    else:
+        garbage = b"not a gzip member at all" if junk == "raw_bytes" else gzip.compress(b"not a WARC record\r\n\r\n")
+        p = tmp_path / "junk.warc.gz"
+        p.write_bytes(data[: members[k][0]] + garbage + data[members[k][0]:])
+    docs = read(p, kind="warc")
+    assert [(d.id, d.text) for d in docs[:4]] == [(d.id, d.text) for d in whole[:4]]
+    assert drops(docs) == [None] * 4 + ["malformed"]  # and the file stops there
+    assert docs[4].id == f"{p.name}:5"
+    assert docs[4].metadata["error"]
+
+
+def test_ten_megabyte_document_passes_the_reader(tmp_path):
+    lines = fineweb_lines(3)
+    first = json.loads(lines[0])
+    big_text = (first["text"] + "\n") * (10_000_000 // len(first["text"]) + 1)
+    big = {"id": "big", "text": big_text, "url": first["url"]}
+    for name, opener in [("big.jsonl", open), ("big.jsonl.gz", gzip.open)]:
+        p = tmp_path / name
+        with opener(p, "wb") as f:
+            f.write(lines[0] + jl(big) + lines[1] + lines[2])
+        docs = read(p)
+        assert [d.id for d in docs] == [first["id"], "big"] + [json.loads(line)["id"] for line in lines[1:]]
+        assert drops(docs) == [None] * 4
+        assert docs[1].text == big_text and len(big_text) > 10_000_000
+        assert docs[1].metadata[CHARS_KEY] == len(big_text)
+        assert docs[2].text == json.loads(lines[1])["text"]
+
+
+def test_binary_junk_in_jsonl_fields(tmp_path):
+    docs = [json.loads(line) for line in fineweb_lines(4)]
+    junk = b"\xff\xfe\x80\xc3(binary)"
+    in_url = json.dumps(docs[0]).encode().replace(b'"url": "', b'"url": "' + junk)
+    in_text = json.dumps(docs[1]).encode().replace(b'"text": "', b'"text": "' + junk)
+    breaks_json = b'{"id": "' + junk + b'", "text": "' + junk + b'\n'
+    p = tmp_path / "junk.jsonl"
+    p.write_bytes(in_url + b"\n" + in_text + b"\n" + breaks_json + jl(docs[2]) + jl(docs[3]))
+    out = read(p)
+    assert [(d.id, d.metadata.get(DROP_KEY), d.text) for d in out] == [
+        (docs[0]["id"], "invalid_utf8", ""),  # junk outside the text still drops the record
+        (docs[1]["id"], "invalid_utf8", ""),
+        ("junk.jsonl:3", "invalid_utf8", ""),
+        (docs[2]["id"], None, docs[2]["text"]),
+        (docs[3]["id"], None, docs[3]["text"]),
+    ]
+
+
+# --------------------------------------------------------------------- kind hf (Hugging Face datasets)
+
+
+def fineweb_columns(n: int) -> dict[str, list]:
+    rows = [json.loads(line) for line in fineweb_lines(n)]
+    return {key: [r[key] for r in rows] for key in ("id", "text", "url", "legal_score")}
+
+
+def save_dataset(path: Path, columns: dict[str, list], num_shards: int) -> Path:
+    import datasets
+
+    datasets.Dataset.from_dict(columns).save_to_disk(str(path), num_shards=num_shards)
+    return path
+
+
+def test_hf_save_to_disk_each_file_reads_alone(tmp_path):
+    cols = fineweb_columns(300)
+    cols["text"][150] = None  # a row without text: one malformed row, the rest unaffected
+    folder = save_dataset(tmp_path / "ds", cols, num_shards=3)
+    (folder / "cache-0123abcd.arrow").write_bytes((folder / "data-00000-of-00003.arrow").read_bytes())
+
+    files = source_files(SourceSpec(kind="hf", path=str(folder)))
+    assert [f.name for f in files] == [f"data-0000{i}-of-00003.arrow" for i in range(3)]  # no cache, no json
+    docs = read(files, kind="hf")
+    assert len(docs) == 300
+    assert [d.id for d in docs if DROP_KEY not in d.metadata] == cols["id"][:150] + cols["id"][151:]
+    assert (docs[150].id, docs[150].metadata[DROP_KEY]) == ("data-00001-of-00003.arrow:51", "malformed")
+    assert [d.text for d in docs[:150]] == cols["text"][:150]
+    assert docs[0].metadata == {"url": cols["url"][0], "legal_score": cols["legal_score"][0],
+                                "file": "data-00000-of-00003.arrow", "line": 1, CHARS_KEY: len(cols["text"][0])}
+    # the pipeline reads one file per partition: each file alone gives its own rows, in order
+    start = 0
+    for f in files:
+        alone = read(f, kind="hf")
+        assert summary(alone) == summary(docs[start : start + len(alone)])
+        start += len(alone)
+    assert [d.id for d in read(files, kind="hf", limit=120)] == cols["id"][:120]
+
+
+def test_hf_dataset_dict_split_is_a_subfolder(tmp_path):
+    import datasets
+
+    cols = fineweb_columns(30)
+    half = {k: v[:20] for k, v in cols.items()}, {k: v[20:] for k, v in cols.items()}
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict(half[0]),
+                                   "test": datasets.Dataset.from_dict(half[1])})
+    splits.save_to_disk(str(tmp_path / "dd"))
+    files = source_files(SourceSpec(kind="hf", path="dd", name="train"), data_root=tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["dd/train/data-00000-of-00001.arrow"]
+    assert [d.id for d in read(files, kind="hf")] == half[0]["id"]
+    assert len(source_files(SourceSpec(kind="hf", path="dd"), data_root=tmp_path)) == 2
+
+
+def test_hf_arrow_stream_and_file_formats(tmp_path):
+    cols = fineweb_columns(300)
+    table = pa.table({"id": cols["id"] * 9, "text": cols["text"] * 9})  # 2,700 rows in one record batch
+    stream, archive = tmp_path / "stream.arrow", tmp_path / "file.arrow"
+    with pa.OSFile(str(stream), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=len(table))
+    with pa.OSFile(str(archive), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=1000)
+    for path in (stream, archive):
+        docs = read(path, kind="hf")
+        assert [d.id for d in docs] == table["id"].to_pylist()
+        assert [d.metadata["line"] for d in docs] == list(range(1, 2701))
+
+
+def test_hf_arrow_truncated_and_not_arrow(tmp_path):
+    cols = fineweb_columns(300)
+    folder = save_dataset(tmp_path / "ds", cols, num_shards=1)
+    data = (folder / "data-00000-of-00001.arrow").read_bytes()  # datasets writes 1,000-row batches
+    cut = tmp_path / "cut.arrow"
+    table = pa.table({"id": cols["id"] * 4, "text": cols["text"] * 4})
+    with pa.OSFile(str(cut), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table, max_chunksize=500)
+    cut.write_bytes(cut.read_bytes()[: int(cut.stat().st_size * 0.6)])
+    *complete, last = read(cut, kind="hf")
+    assert [d.id for d in complete] == table["id"].to_pylist()[: len(complete)]
+    assert len(complete) % 500 == 0 and 0 < len(complete) < 1200  # whole batches before the cut
+    assert (last.id, last.metadata[DROP_KEY]) == (f"cut.arrow:{len(complete) + 1}", "truncated")
+    assert last.metadata["error"]
+
+    junk = tmp_path / "junk.arrow"
+    junk.write_bytes(b"not arrow at all" + data[100:200])
+    [doc] = read(junk, kind="hf")
+    assert (doc.id, doc.metadata[DROP_KEY]) == ("junk.arrow:1", "malformed")
+
+    with pytest.raises(ValueError, match="no column 'body'"):
+        read(folder / "data-00000-of-00001.arrow", kind="hf", text_key="body")
+
+
+def test_hf_parquet_folder_like_a_hub_snapshot(tmp_path):
+    cols = fineweb_columns(90)
+    snap = tmp_path / "fineweb"
+    for i, sub in enumerate(["sample/10BT", "sample/10BT", "sample/100BT"]):
+        (snap / sub).mkdir(parents=True, exist_ok=True)
+        part = {k: v[i * 30 : (i + 1) * 30] for k, v in cols.items()}
+        pq.write_table(pa.table(part), snap / sub / f"{i:03d}_00000.parquet", row_group_size=8)
+    (snap / "README.md").write_text("---\nconfigs: []\n---\n")
+
+    files = source_files(SourceSpec(kind="hf", path="fineweb", name="sample/10BT"), data_root=tmp_path)
+    assert [f.relative_to(snap).as_posix() for f in files] == ["sample/10BT/000_00000.parquet",
+                                                               "sample/10BT/001_00000.parquet"]
+    docs = read(files, kind="hf")
+    assert [d.id for d in docs] == cols["id"][:60]
+    assert drops(docs) == [None] * 60
+    assert docs[30].metadata["file"] == "001_00000.parquet"
+    assert len(source_files(SourceSpec(kind="hf", path=str(snap)))) == 3
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(files[0].read_bytes()[:-100])
+    [doc] = read(broken, kind="hf")
+    assert doc.metadata[DROP_KEY] == "malformed"
+
+
+def test_hf_local_paths_errors(tmp_path):
+    folder = save_dataset(tmp_path / "ds", fineweb_columns(5), num_shards=1)
+    with pytest.raises(RecipeError, match="'revision' applies to Hub dataset ids"):
+        source_files(SourceSpec(kind="hf", path=str(folder), revision="main"))
+    with pytest.raises(RecipeError, match=r"path does not exist: .*ds/train \(folder 'train' of"):
+        source_files(SourceSpec(kind="hf", path=str(folder), name="train"))
+    with pytest.raises(RecipeError, match="path does not exist"):
+        source_files(SourceSpec(kind="hf", path=str(tmp_path / "absent" / "ds")))  # absolute: never a Hub id
+
+
+def hub_cache(monkeypatch, root: Path) -> Path:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return root
+
+
+def test_hf_hub_id_not_in_cache(tmp_path, monkeypatch):
+    cache = hub_cache(monkeypatch, tmp_path / "hub")
+    with pytest.raises(RecipeError) as info:
+        source_files(SourceSpec(kind="hf", path="HuggingFaceFW/fineweb", name="sample/10BT"), data_root=tmp_path)
+    assert str(info.value) == (
+        f"Hugging Face dataset HuggingFaceFW/fineweb is not in the local HF cache ({cache}) and HF_HUB_OFFLINE=1 "
+        f"forbids downloading it; no local path {tmp_path / 'HuggingFaceFW/fineweb'} exists either"
+    )
+    with pytest.raises(RecipeError, match=r"HuggingFaceFW/fineweb@v2 is not in the local HF cache"):
+        source_files(SourceSpec(kind="hf", path="HuggingFaceFW/fineweb", revision="v2"), data_root=tmp_path)
+
+
+def test_hf_hub_id_from_cache(tmp_path, monkeypatch):
+    cache = hub_cache(monkeypatch, tmp_path / "hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "datasets--HuggingFaceFW--fineweb"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    cols = fineweb_columns(20)
+    (snap / "sample" / "10BT").mkdir(parents=True)
+    pq.write_table(pa.table(cols), snap / "sample" / "10BT" / "000_00000.parquet")
+
+    src = SourceSpec(kind="hf", path="HuggingFaceFW/fineweb", name="sample/10BT")
+    files = source_files(src, data_root=tmp_path)
+    assert files == [snap / "sample" / "10BT" / "000_00000.parquet"]
+    assert [d.id for d in read(files, kind="hf")] == cols["id"]
+    with pytest.raises(RecipeError, match=r"no \.arrow or \.parquet files under 'sample/350BT'"):
+        source_files(SourceSpec(kind="hf", path="HuggingFaceFW/fineweb", name="sample/350BT"), data_root=tmp_path)
+
+
 # --------------------------------------------------------------------- run_curation
 
 
@@ -232,8 +569,16 @@ def test_run_curation_decisions(tmp_path):
 
     # kept documents, ids preserved, one file per shard, internal metadata stripped
     assert sorted(p.name for p in (out / "docs").iterdir()) == ["00000.jsonl", "00001.jsonl"]
-    assert sorted(p.name for p in out.iterdir()) == ["decisions.parquet", "docs"]
+    assert sorted(p.name for p in out.iterdir()) == ["decisions.parquet", "docs", "excluded"]
     assert not (tmp_path / "curated.logs").exists()
+    # what each filter step dropped, readable per step (datatrove's exclusion writer)
+    excluded = {step.name: [json.loads(line)["id"] for f in sorted(step.glob("*.jsonl")) for line in f.open()]
+                for step in (out / "excluded").iterdir()}
+    dropped_by = {}
+    for doc_id, reason in expected.items():
+        if reason is not None and ":" in reason:
+            dropped_by.setdefault(reason.split(":")[0], []).append(doc_id)
+    assert {k: sorted(v) for k, v in excluded.items()} == {k: sorted(v) for k, v in dropped_by.items()}
     written: dict[str, dict] = {}
     for shard in (0, 1):
         for line in (out / "docs" / f"{shard:05d}.jsonl").read_text().splitlines():

@@ -20,10 +20,16 @@ import yaml
 
 from tests.recipes import tiny_recipe
 
+
+def parse_tiny(recipe: dict):
+    from assets.recipe import parse_recipe
+
+    return parse_recipe(recipe)
+
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # end to end: curation, training and lighteval on a real instance (~2 min)
 
-BRANCH_CC = ["curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats"]
+BRANCH_CC = ["filtered_commoncrawl", "curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats"]
 AFTER_MIXTURE = ["mixture", "checkpoint", "eval_report", "data_stats"]
 
 
@@ -57,7 +63,12 @@ class Session:
 
 
 def names(labels: list[str], recipe: str = "t1") -> set[str]:
-    return {label.split("/", 1)[1] for label in labels if label.startswith(recipe + "/")}
+    """Asset names of one recipe; a partition `filtered_x[file]` counts as `filtered_x`."""
+    return {label.split("/", 1)[1].split("[")[0] for label in labels if label.startswith(recipe + "/")}
+
+
+def partitions(labels: list[str], asset: str) -> set[str]:
+    return {label.split("[", 1)[1].rstrip("]") for label in labels if label.split("[")[0] == asset}
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +90,21 @@ def session(tmp_path_factory, request):
 
 def test_first_sync_builds_everything(session):
     assert names(session.first["ran"]) == {
-        "raw_fineweb", "raw_commoncrawl", "curated_fineweb", "curated_commoncrawl", "tokenizer",
-        "tokenized_fineweb", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats",
+        "raw_fineweb", "raw_commoncrawl", "filtered_fineweb", "filtered_commoncrawl", "curated_fineweb",
+        "curated_commoncrawl", "tokenizer", "tokenized_fineweb", "tokenized_commoncrawl", "mixture", "checkpoint",
+        "eval_report", "data_stats",
     }
+    # one partition per file of the source folder
+    assert partitions(session.first["ran"], "t1/filtered_commoncrawl") == {
+        "CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz", "cc_en_head-0091.jsonl.gz",
+        "cc_en_head-0174.jsonl.gz", "provided_documents_000.json.gz"}
     assert session.first["cache_hit"] == []
 
 
 def test_noop_sync_touches_nothing(session):
     report = session.sync(session.path)
     assert report["ran"] == [] and report["cache_hit"] == []
-    assert len(report["untouched"]) == 11
+    assert len(report["untouched"]) == 13
 
 
 def test_threshold_change_rebuilds_only_that_branch(session):
@@ -97,9 +113,8 @@ def test_threshold_change_rebuilds_only_that_branch(session):
     report = session.sync(session.write(edited))
     assert names(report["ran"]) == set(BRANCH_CC)
     assert report["cache_hit"] == []
-    assert {"raw_fineweb", "raw_commoncrawl", "curated_fineweb", "tokenized_fineweb", "tokenizer"} <= names(
-        report["untouched"]
-    )
+    assert {"raw_fineweb", "raw_commoncrawl", "filtered_fineweb", "curated_fineweb", "tokenized_fineweb",
+            "tokenizer"} <= names(report["untouched"])
 
     # revert: everything the edit touched is a cache hit, training does not rerun
     report = session.sync(session.write(session.base))
@@ -122,8 +137,8 @@ def test_second_recipe_shares_curated_and_tokenized_outputs(session):
     other["mixture"]["weights"] = {"fineweb": 0.9, "commoncrawl": 0.1}
     other_path = session.write(other)
     report = session.sync(session.path, other_path)
-    shared = {"raw_fineweb", "raw_commoncrawl", "curated_fineweb", "curated_commoncrawl", "tokenizer",
-              "tokenized_fineweb", "tokenized_commoncrawl"}
+    shared = {"raw_fineweb", "raw_commoncrawl", "filtered_fineweb", "filtered_commoncrawl", "curated_fineweb",
+              "curated_commoncrawl", "tokenizer", "tokenized_fineweb", "tokenized_commoncrawl"}
     assert names(report["cache_hit"], "t2") == shared
     assert names(report["ran"], "t2") == set(AFTER_MIXTURE)
     assert names(report["untouched"], "t1") == names(session.first["ran"])  # t1 stays as it was
@@ -132,11 +147,23 @@ def test_second_recipe_shares_curated_and_tokenized_outputs(session):
 def test_stats_tables_answer_queries(session):
     from assets.stats import query
 
+    from assets.recipe import source_files
+    from assets.settings import data_root
+    from dataprep.readers import iter_records
+
     cols, rows = query(session.store, "select source, count(*), sum(kept::int) from curation "
                                       "where recipe = 't1' group by 1 order by 1")
     assert cols[0] == "source"
     assert [r[0] for r in rows] == ["commoncrawl", "fineweb"]
-    assert rows[0][1] == 150 and rows[1][1] == 100  # one decision row per input document
+    cc = parse_tiny(session.base).sources["commoncrawl"]
+    per_file = [sum(1 for _ in iter_records([f], "jsonl", "text", "id", cc.limit)) for f in source_files(cc, data_root())]
+    assert rows[0][1] == sum(per_file) and rows[1][1] == 100  # one decision row per input document (limit per file)
+    _, rows = query(session.store, "select file, count(*) from curation where recipe = 't1' and "
+                                   "source = 'commoncrawl' group by 1 order by 1")
+    assert [n for _, n in rows] == per_file
+    _, rows = query(session.store, "select count(*) filter (where step = 'minhash'), "
+                                   "count(*) filter (where kept and cluster_size is null) from curation")
+    assert rows == [(0, 0)]  # no near-duplicates in these samples; every kept row went through dedup
     _, rows = query(session.store, "select count(*) from train_metrics where recipe = 't1'")
     assert rows[0][0] == 6
     _, rows = query(session.store, "select task, metric, n_items from evals where recipe = 't1' "
@@ -218,7 +245,7 @@ def test_source_file_changes_are_detected(session, tmp_path):
     # Another path is another raw spec (a cheap re-hash), but the same bytes give the same data
     # version, so every other output is shared with t1.
     assert report["ran"] == ["t4/raw_commoncrawl"]
-    assert len(report["cache_hit"]) == 10
+    assert len(report["cache_hit"]) == 15  # 10 assets and 5 file partitions
 
     target = next(copy_dir.glob("CC-MAIN-*.jsonl.gz"))
     os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -232,14 +259,55 @@ def test_source_file_changes_are_detected(session, tmp_path):
 
     curated = AssetKey(["t4", "curated_commoncrawl"])
     before = lineage.latest(session.instance, curated).data_version
-    with gzip.open(target, "ab") as f:  # a new document at the end: beyond the limit of 150
+    with gzip.open(target, "ab") as f:  # a new document at the end: beyond the limit of 40
         f.write(b'{"id": "new-doc", "text": "fresh text"}\n')
     report = session.sync(path)
-    # New content: raw and both of its readers rerun. Curation reads the same first 150
-    # documents, so its output keeps its data version; the tokenizer samples by content.
-    assert {"t4/raw_commoncrawl", "t4/curated_commoncrawl", "t4/tokenizer"} <= set(report["ran"])
+    # New content: raw, that file's partition and the readers of raw rerun. Curation reads the
+    # same first 40 documents, so its output keeps its data version; the tokenizer samples by content.
+    assert {"t4/raw_commoncrawl", f"t4/filtered_commoncrawl[{target.name}]", "t4/curated_commoncrawl",
+            "t4/tokenizer"} <= set(report["ran"])
+    assert partitions(report["ran"] + report["cache_hit"], "t4/filtered_commoncrawl") == {target.name}
     assert "t4/curated_fineweb" in report["untouched"]
     assert lineage.latest(session.instance, curated).data_version == before
+
+
+def test_new_shard_in_the_folder_is_curated_alone(session, tmp_path):
+    """Dropping a file into a source folder: the sensor asks for exactly that partition, and
+    sync builds it without touching the other files."""
+    import gzip
+    import shutil
+
+    from dagster import build_sensor_context
+
+    from assets.definitions import build_definitions, load_all
+    from assets.settings import data_root
+
+    folder = tmp_path / "cc"
+    shutil.copytree(data_root() / "web" / "commoncrawl_raw", folder)
+    recipe = copy.deepcopy(session.base)
+    recipe["name"] = "t7"
+    recipe["sources"]["commoncrawl"]["path"] = str(folder)
+    path = session.write(recipe)
+    session.sync(path)
+
+    new = folder / "new_shard.jsonl.gz"
+    with gzip.open(new, "wt") as f:
+        for i in range(30):
+            f.write(json.dumps({"id": f"new-{i}", "text": " ".join(["The committee reviewed the report"] * 20)
+                                + f" and agreed on item {i}. " + "It was a long meeting. " * 10}) + "\n")
+    loaded = load_all([path])
+    defs = build_definitions(loaded)
+    sensor = defs.resolve_sensor_def("t7__commoncrawl__files_sensor")
+    result = sensor(build_sensor_context(instance=session.instance, definitions=defs))
+    requested = {r.partition_key for r in result.run_requests if r.partition_key}
+    assert requested == {"new_shard.jsonl.gz"}
+    assert [r.partition_keys for r in result.dynamic_partitions_requests] == [["new_shard.jsonl.gz"]]
+
+    report = session.sync(path)
+    assert partitions(report["ran"], "t7/filtered_commoncrawl") == {"new_shard.jsonl.gz"}
+    assert partitions(report["cache_hit"], "t7/filtered_commoncrawl") == set()  # the others: untouched
+    assert {"t7/raw_commoncrawl", "t7/curated_commoncrawl", "t7/tokenized_commoncrawl"} <= set(report["ran"])
+    assert "t7/curated_fineweb" in report["untouched"]
 
 
 def test_automation_conditions_follow_the_recipe_policy(session):
@@ -260,7 +328,9 @@ def test_automation_conditions_follow_the_recipe_policy(session):
     defs2 = build_definitions(load_all([session.write(edited, "t1_automation")]))
     result = evaluate_automation_conditions(defs=defs2, instance=session.instance, cursor=result.cursor)
     assert result.get_num_requested(AssetKey(["t1", "curated_fineweb"])) == 1
+    assert result.get_num_requested(AssetKey(["t1", "filtered_fineweb"])) == 1  # its one file partition
     assert result.get_num_requested(AssetKey(["t1", "curated_commoncrawl"])) == 0
+    assert result.get_num_requested(AssetKey(["t1", "filtered_commoncrawl"])) == 0
     assert result.get_num_requested(AssetKey(["t1", "checkpoint"])) == 0
 
 

@@ -335,3 +335,66 @@ def test_demo_recipe_loads():
     assert (recipe.model.d_model, recipe.model.n_heads, recipe.model.n_kv_heads) == (128, 4, 2)
     assert recipe.automation.training == "manual"
     assert len(source_files(recipe.sources["commoncrawl"])) == 4
+
+
+# --------------------------------------------------------------------- kind hf
+
+
+def test_hf_fields_validate(tmp_path):
+    def hf(**fields):
+        return mutated(lambda d: d["sources"]["commoncrawl"].update(fields))
+
+    not_a_folder = "must be a folder inside the dataset, like 'sample/10BT'"
+    for fields, error in [
+        ({"name": "train"}, "sources.commoncrawl: 'name' applies only to kind hf (this source is jsonl)"),
+        ({"revision": "v1"}, "sources.commoncrawl: 'revision' applies only to kind hf (this source is jsonl)"),
+        ({"kind": "hf", "name": "../up"}, f"sources.commoncrawl.name: '../up' {not_a_folder}"),
+        ({"kind": "hf", "name": "/abs"}, f"sources.commoncrawl.name: '/abs' {not_a_folder}"),
+        ({"kind": "hf", "revision": ""}, "sources.commoncrawl.revision: String should have at least 1 character"),
+    ]:
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(hf(**fields), origin="r.yaml")
+        assert str(info.value) == f"r.yaml: invalid recipe\n  {error}"
+    spec = parse_recipe(hf(kind="hf", name="./sample//10BT/"), origin="r.yaml").sources["commoncrawl"]
+    assert spec.name == "sample/10BT"
+
+
+def test_hf_fields_leave_existing_sources_unchanged_in_dumps():
+    """Unset hf fields stay out of the dump, so sources written before them keep their hashes."""
+    recipe = parse_recipe(base_recipe())
+    assert set(recipe.sources["commoncrawl"].model_dump(mode="json")) == {
+        "kind", "path", "text_key", "id_key", "limit", "shards", "curation",
+    }
+    d = mutated(lambda d: d["sources"]["commoncrawl"].update(kind="hf", path="o/n", name="a", revision="r1"))
+    dumped = parse_recipe(d).sources["commoncrawl"].model_dump(mode="json")
+    assert (dumped["name"], dumped["revision"]) == ("a", "r1")
+
+
+def test_hf_hub_source_not_cached_fails_at_load(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    d = mutated(lambda d: d["sources"]["commoncrawl"].update(kind="hf", path="HuggingFaceFW/fineweb",
+                                                              name="sample/10BT"))
+    path, msg = load_error(tmp_path, d)
+    assert msg == (
+        f"{path}: invalid recipe\n  sources.commoncrawl.path: Hugging Face dataset HuggingFaceFW/fineweb is not in "
+        f"the local HF cache ({tmp_path / 'hub'}) and HF_HUB_OFFLINE=1 forbids downloading it; "
+        f"no local path {data_root() / 'HuggingFaceFW/fineweb'} exists either"
+    )
+
+
+def test_hf_glob_takes_data_files_but_no_name(tmp_path):
+    (tmp_path / "a").mkdir()
+    for name in ["data-00000-of-00001.arrow", "x.parquet", "state.json", "dataset_info.json"]:
+        (tmp_path / "a" / name).write_bytes(b"")
+    d = base_recipe()
+    d["sources"] = {"hf": {"kind": "hf", "path": str(tmp_path / "a" / "*")}}
+    d["mixture"]["weights"] = {"hf": 1}
+    recipe = load_recipe(write(tmp_path, d))
+    assert [p.name for p in source_files(recipe.sources["hf"])] == ["data-00000-of-00001.arrow", "x.parquet"]
+    d["sources"]["hf"]["name"] = "train"
+    path, msg = load_error(tmp_path, d)
+    assert msg == (f"{path}: invalid recipe\n  sources.hf.path: {tmp_path / 'a' / '*'}: 'name' and 'revision' need "
+                   "a folder or Hub id as path, not a glob")

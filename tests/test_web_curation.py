@@ -214,10 +214,11 @@ def test_recipe_web_fields_validate_and_default_off():
     # off by default, and left out of the hashed spec while off: existing recipes keep their keys
     default = CurationSpec()
     assert (default.url_filter, default.language, default.pii) == (None, None, None)
-    assert set(default.hashed()) == {"gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"}
-    assert set(cur.hashed()) == set(CurationSpec.model_fields)
+    assert set(default.filter_spec()) == {"gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"}
+    assert set(cur.filter_spec()) == set(CurationSpec.model_fields) - {"minhash", "checks"}
+    assert set(default.hashed()) == {"filters", "minhash"}  # checks never change an output
     on = CurationSpec(language={})
-    assert on.hashed()["language"] == {"languages": ["en"], "min_score": 0.65}
+    assert on.filter_spec()["language"] == {"languages": ["en"], "min_score": 0.65}
     assert curated_spec(SourceSpec(kind="jsonl", path="x")) != curated_spec(SourceSpec(kind="jsonl", path="x",
                                                                                        curation=on))
 
@@ -316,4 +317,4 @@ def test_curation_view_reads_old_decisions_without_language(tmp_path):
         ("a", True, None, None)]
     empty = view_sql(tmp_path, [])["curation"]
     cols = [d[0] for d in con.execute(empty).description]
-    assert cols[-2:] == ["language", "language_score"]
+    assert cols[-7:] == ["language", "language_score", "file", "url", "domain", "cluster_id", "cluster_size"]
