@@ -290,11 +290,16 @@ def test_new_shard_in_the_folder_is_curated_alone(session, tmp_path):
     path = session.write(recipe)
     session.sync(path)
 
+    # the new shard re-publishes the documents of another file with one word changed: MinHash
+    # must find each copy across the two files
+    with gzip.open(folder / "cc_en_head-0091.jsonl.gz", "rt") as f:
+        originals = [json.loads(line) for line in f][:40]
     new = folder / "new_shard.jsonl.gz"
     with gzip.open(new, "wt") as f:
-        for i in range(30):
-            f.write(json.dumps({"id": f"new-{i}", "text": " ".join(["The committee reviewed the report"] * 20)
-                                + f" and agreed on item {i}. " + "It was a long meeting. " * 10}) + "\n")
+        for doc in originals:
+            words = doc["text"].split(" ")
+            words[len(words) // 2] = "reportedly"
+            f.write(json.dumps({"id": "copy-" + str(doc["id"]), "text": " ".join(words)}) + "\n")
     loaded = load_all([path])
     defs = build_definitions(loaded)
     sensor = defs.resolve_sensor_def("t7__commoncrawl__files_sensor")
@@ -308,6 +313,19 @@ def test_new_shard_in_the_folder_is_curated_alone(session, tmp_path):
     assert partitions(report["cache_hit"], "t7/filtered_commoncrawl") == set()  # the others: untouched
     assert {"t7/raw_commoncrawl", "t7/curated_commoncrawl", "t7/tokenized_commoncrawl"} <= set(report["ran"])
     assert "t7/curated_fineweb" in report["untouched"]
+
+    from assets.stats import query
+
+    _, rows = query(session.store, "select file, doc_id, cluster_id, cluster_size from curation "
+                                   "where recipe = 't7' and reason = 'minhash:duplicate' order by doc_id")
+    _, kept_originals = query(session.store, "select count(*) from curation where recipe = 't7' and "
+                                             "file = 'cc_en_head-0091.jsonl.gz' and (kept or step = 'minhash')")
+    assert len(rows) == kept_originals[0][0] > 0  # every copy of a kept document is a near-duplicate
+    assert all(size == 2 for *_, size in rows)
+    _, pairs = query(session.store, "select count(distinct file) from curation where recipe = 't7' and "
+                                    "cluster_id in (select cluster_id from curation where recipe = 't7' and "
+                                    "step = 'minhash') group by cluster_id")
+    assert {n for (n,) in pairs} == {2}  # each cluster: the original and its copy, from two files
 
 
 def test_automation_conditions_follow_the_recipe_policy(session):
