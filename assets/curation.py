@@ -25,6 +25,7 @@ from dataprep.dedup import run_minhash_dedup
 
 from . import curation_report
 from .engine import BuildContext, read_json
+from .identity import code_version
 from .plan import AssetPlan
 from .recipe import SourceSpec
 from .shards import shard_outputs
@@ -40,7 +41,10 @@ def filtered_spec(src: SourceSpec) -> dict[str, Any]:
 
 
 def curated_spec(src: SourceSpec) -> dict[str, Any]:
-    return {"curation": src.curation.hashed(), "shards": src.shards, "reader": reader_spec(src)}
+    # The per-file outputs are found by key, not as Dagster inputs: their code version (logic
+    # and spec) must be part of this one, or a new filtered logic would reuse an old gathering.
+    return {"curation": src.curation.hashed(), "shards": src.shards, "reader": reader_spec(src),
+            "per_file": code_version("filtered", filtered_spec(src))}
 
 
 def reasons_markdown(reasons: dict[str, int], documents: int) -> str:

@@ -22,9 +22,9 @@ HASH_CHARS = 16
 # so every output it produced before is rebuilt (and old ones stay in the store).
 LOGIC_VERSIONS: dict[str, str] = {
     "raw": "raw-1",
-    "filtered": "filtered-1",  # one source file through extraction and the filters
+    "filtered": "filtered-2",  # one file through the filters; 2: nested metadata (url), no Trafilatura dedup
     "curated": "curated-2",  # 2: gathers per-file partitions, MinHash dedup, url/cluster columns
-    "tokenizer": "tokenizer-1",
+    "tokenizer": "tokenizer-2",  # 2: WARC samples extracted without Trafilatura's cross-page dedup
     "tokenized": "tokenized-1",
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",

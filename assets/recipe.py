@@ -195,7 +195,7 @@ def _unset(value: Any) -> bool:
 
 
 class SourceSpec(Strict):
-    kind: Literal["jsonl", "parquet", "warc", "hf"] = Field(
+    kind: Literal["jsonl", "parquet", "warc", "hf", "pdf"] = Field(
         description="jsonl also reads .jsonl.gz / .json.gz; warc reads .warc(.gz) and extracts text from HTML; "
         "hf reads a Hugging Face dataset (.arrow files of save_to_disk, or .parquet files)"
     )
@@ -511,6 +511,7 @@ SUFFIXES = {
     "parquet": (".parquet",),
     "warc": (".warc", ".warc.gz"),
     "hf": (".arrow", ".parquet"),
+    "pdf": (".pdf",),
 }
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name, as the Hub spells dataset ids
 

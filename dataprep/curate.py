@@ -204,7 +204,9 @@ def curation_steps(
 
     steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
     if kind == "warc":
-        steps.append(Extracted(Trafilatura(timeout=EXTRACTION_TIMEOUT)))
+        # deduplicate=False: Trafilatura's own dedup caches paragraphs across pages, so a page's
+        # text would depend on the pages its process saw before; MinHash removes duplicates.
+        steps.append(Extracted(Trafilatura(timeout=EXTRACTION_TIMEOUT, deduplicate=False)))
     if curation.get("url_filter") is not None:
         steps.append(judged("url_filter", OfflineURLFilter(**curation["url_filter"])))
     if curation.get("language") is not None:

@@ -15,6 +15,9 @@ with one `malformed` row, and a record cut short ends it with one `truncated` ro
 
 Hugging Face datasets (kind `hf`): every file is read on its own, one row per Document:
 `.arrow` files as written by `Dataset.save_to_disk` (Arrow IPC streams) and `.parquet` files.
+
+PDF files (kind `pdf`): every file is one Document, its text layer as dataprep.pdf extracts it (in
+a child process with a time limit), or a reason (`encrypted`, `truncated`, `needs_ocr`, ...).
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ def _file_reader(path: Path, kind: str) -> Callable[[Path, str, str], Iterator[D
         return _iter_jsonl
     if kind == "warc":
         return lambda p, _text_key, _id_key: _iter_warc(p)
+    if kind == "pdf":
+        return lambda p, _text_key, _id_key: _iter_pdf(p)
     if kind == "hf" and path.name.endswith(".arrow"):
         return _iter_arrow
     return _iter_parquet  # kind parquet, and hf's .parquet files
@@ -415,13 +420,33 @@ def _warc_doc(record, body: bytes, doc_id: str, meta: dict) -> Document:
     return _make_doc(extracted["text"], doc_id, meta, None)
 
 
+# --------------------------------------------------------------------- PDF
+
+
+def _iter_pdf(path: Path) -> Iterator[Document]:
+    """One Document per PDF file: its text layer, pages joined by a blank line (dataprep.pdf).
+
+    The id is the file's SHA-256 (the same PDF twice is one document). A PDF that cannot be used
+    carries dataprep.pdf's reason; one whose text layer should be replaced by OCR is dropped as
+    `needs_ocr` (metadata needs_ocr / ocr_score say so for the OCR queue, its text is kept).
+    """
+    from dataprep.pdf import extract_pdf
+
+    result = extract_pdf(path)
+    drop = result.drop or ("needs_ocr" if result.needs_ocr else None)
+    yield _make_doc(result.text, result.sha256 or path.name, result.metadata(), drop)
+
+
 # --------------------------------------------------------------------- records
 
 
 def _record_to_doc(record: dict, text_key: str, id_key: str, fallback_id: str, fname: str, lineno: int) -> Document:
     text = record.pop(text_key)
     doc_id = record.pop(id_key, None)
-    metadata = {k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))}
+    # Dolma and datatrove outputs nest url, date, ... under "metadata"; top-level keys win.
+    nested = record.get("metadata") if isinstance(record.get("metadata"), dict) else {}
+    metadata = {k: v for k, v in nested.items() if isinstance(v, (str, int, float, bool))}
+    metadata.update({k: v for k, v in record.items() if isinstance(v, (str, int, float, bool))})
     metadata.update(file=fname, line=lineno)
     return _make_doc(text, str(doc_id) if doc_id not in (None, "") else fallback_id, metadata, None)
 

@@ -50,7 +50,7 @@ def extract_html(pages: list[str]) -> list[str]:
     """Main text of HTML pages with datatrove's Trafilatura settings; pages with none are left out."""
     from datatrove.pipeline.extractors import Trafilatura
 
-    extractor = Trafilatura()
+    extractor = Trafilatura(deduplicate=False)  # its dedup cache would make the sample order-dependent
     texts = []
     for html in pages:
         try:

@@ -90,7 +90,7 @@ def test_code_version_is_logic_version_plus_spec():
 def test_code_versions_stable_across_processes_and_settings(tmp_path):
     recipe = load_recipe(DEMO)
     expected = demo_versions(recipe)
-    assert len(expected) == 13
+    assert len(expected) == 17
     assert len(set(expected.values())) >= 8  # real, distinct hashes
 
     alias = tmp_path / "data_alias"
@@ -148,7 +148,7 @@ def test_yaml_key_order_does_not_change_hashes(tmp_path):
     shuffled = reverse(original)
     # sources order is meaningful for nothing hashed; keep their order so labels line up
     shuffled["sources"] = {k: shuffled["sources"][k] for k in original["sources"]}
-    assert list(shuffled["mixture"]["weights"]) == ["commoncrawl", "fineweb"]
+    assert list(shuffled["mixture"]["weights"]) == ["warc", "commoncrawl", "fineweb"]
     assert list(shuffled["sources"]["fineweb"]["curation"]) == [
         "fineweb_quality", "c4_quality", "gopher_quality", "gopher_repetition",
     ]
@@ -161,9 +161,11 @@ def test_yaml_key_order_does_not_change_hashes(tmp_path):
 
 def test_one_threshold_changes_only_that_sources_curated_version():
     base = demo_versions(parse_recipe(recipe_dict()))
-    # identical curation and reading: identical code versions (the demo's fineweb has a limit)
+    # identical curation and reading: identical code versions (the demo's fineweb has a limit
+    # and a shorter filter chain)
     same = recipe_dict()
     same["sources"]["fineweb"].pop("limit")
+    same["sources"]["fineweb"]["curation"] = same["sources"]["commoncrawl"]["curation"]
     same_versions = demo_versions(parse_recipe(same))
     assert same_versions["demo/curated_fineweb"] == same_versions["demo/curated_commoncrawl"]
 

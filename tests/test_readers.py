@@ -611,3 +611,15 @@ def test_run_curation_with_filters_off_keeps_every_usable_doc(tmp_path):
     assert counts == {"documents": 3, "kept": 2, "dropped": 1, "reasons": {"malformed": 1}}
     kept = [json.loads(line) for line in (out / "docs" / "00000.jsonl").read_text().splitlines()]
     assert [(k["id"], k["text"]) for k in kept] == [("short", SHORT_TEXT), (docs[0]["id"], docs[0]["text"])]
+
+
+def test_nested_metadata_is_flattened_so_url_filters_see_the_url(tmp_path):
+    """Dolma-style records keep url under "metadata"; the URL filter and the domain column need it."""
+    path = tmp_path / "dolma.jsonl"
+    path.write_text(json.dumps({"id": "d1", "text": "hello world", "source": "cc",
+                                "metadata": {"url": "https://www.example.org/a", "source": "inner",
+                                             "line_ids": [1, 2]}}) + "\n")
+    (doc,) = list(iter_records([path], "jsonl", "text", "id"))
+    assert doc.metadata["url"] == "https://www.example.org/a"
+    assert doc.metadata["source"] == "cc"  # the top-level value wins
+    assert "line_ids" not in doc.metadata  # only scalars are carried
