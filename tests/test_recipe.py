@@ -323,10 +323,13 @@ def test_directory_source_lists_only_matching_files(tmp_path):
 def test_demo_recipe_loads():
     recipe = load_recipe(DEMO)
     assert recipe.name == "demo"
-    assert list(recipe.sources) == ["fineweb", "commoncrawl"]
+    assert list(recipe.sources) == ["fineweb", "commoncrawl", "warc"]
     assert recipe.sources["fineweb"].limit == 1000
     assert recipe.sources["fineweb"].curation.c4_quality.filter_no_terminal_punct is False
-    assert recipe.mixture.weights == {"fineweb": 0.8, "commoncrawl": 0.2}
+    cc = recipe.sources["commoncrawl"].curation
+    assert cc.language.languages == ["en"] and cc.minhash.num_buckets == 14 and cc.checks.language_share.blocking
+    assert recipe.sources["warc"].kind == "warc"
+    assert recipe.mixture.weights == {"fineweb": 0.78, "commoncrawl": 0.2, "warc": 0.02}
     # the token budget covers what training reads (steps x batch x seq_len)
     t, m = recipe.training, recipe.model
     assert recipe.mixture.total_tokens >= t.steps * t.batch_size * m.seq_len

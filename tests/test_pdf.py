@@ -1,0 +1,284 @@
+"""PDF text-layer extraction: one result per file, drop reasons asserted exactly, OCR routing.
+
+Broken inputs are built in tmp_path from the real sample PDFs under <data root>/pdf.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from pathlib import Path
+
+import pytest
+
+from assets.recipe import SUFFIXES, SourceSpec, source_files
+from assets.settings import data_root
+from dataprep.pdf import (
+    PAGE_SEPARATOR,
+    REASONS,
+    PageStats,
+    PdfExtractor,
+    extract_in_process,
+    extract_pdf,
+    route_ocr,
+)
+from dataprep.readers import CHARS_KEY, DROP_KEY, iter_records
+
+PDF = data_root() / "pdf"
+pytestmark = pytest.mark.skipif(not PDF.is_dir(), reason=f"sample PDFs not found under {PDF}")
+
+BORN_DIGITAL = PDF / "pypdf_samples"
+PAPER = PDF / "pdfplumber" / "issue-982-example.pdf"  # 8-page arXiv paper (pdfTeX)
+FOUR_PAGES = BORN_DIGITAL / "pdflatex-4-pages.pdf"
+BIG = PDF / "pdfplumber" / "chelsea_pdta.pdf"  # 2.9 MB, 65 pages
+SCANNED = ["handwriting_bad_ocr.pdf", "horribleocr.pdf", "newspaper.pdf", "some_ocr1.pdf",
+           "most_content_in_image_form.pdf", "small_page_size.pdf"]
+GARBLED = ["olmo-page-1.pdf", "dolma-page-1.pdf"]  # text layer in a shifted font encoding
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    with PdfExtractor() as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> dict[str, Path]:
+    """Broken and odd PDFs made from the samples, by name."""
+    import pypdf
+
+    out = tmp_path_factory.mktemp("pdfs")
+    files: dict[str, Path] = {}
+
+    def write(name: str, data: bytes) -> None:
+        files[name] = out / f"{name}.pdf"
+        files[name].write_bytes(data)
+
+    write("empty", b"")
+    data = BIG.read_bytes()
+    write("cut_1mib", data[: 1 << 20])
+    paper = PAPER.read_bytes()
+    write("cut_half", paper[: len(paper) // 2])
+    write("random", b"%PDF-1.7\n" + random.Random(0).randbytes(64_000))
+    write("not_pdf", b"<html><body>Not a PDF at all</body></html>\n" * 20)
+    for name, password in (("locked", "secret"), ("open_encrypted", "")):
+        writer = pypdf.PdfWriter(clone_from=FOUR_PAGES)
+        writer.encrypt(user_password=password, owner_password="owner", algorithm="AES-256")
+        writer.write(out / f"{name}.pdf")
+        files[name] = out / f"{name}.pdf"
+    pypdf.PdfWriter().write(out / "zero_pages.pdf")
+    files["zero_pages"] = out / "zero_pages.pdf"
+    blank = pypdf.PdfWriter()
+    blank.add_blank_page(width=612, height=792)
+    blank.write(out / "blank.pdf")
+    files["blank"] = out / "blank.pdf"
+    page = pypdf.PdfReader(BORN_DIGITAL / "minimal-document.pdf").pages[0]
+    thousand = pypdf.PdfWriter()
+    for _ in range(1000):
+        thousand.add_page(page)
+    thousand.write(out / "thousand.pdf")
+    files["thousand"] = out / "thousand.pdf"
+    return files
+
+
+# --------------------------------------------------------------------- extraction
+
+
+def test_known_page_sentence_and_page_offsets(extractor):
+    result = extractor.extract(PAPER)
+    assert result.drop is None and result.error is None
+    assert (result.pages, result.producer, result.encrypted, result.needs_ocr) == (8, "pdfTeX-1.40.12", False, False)
+    assert len(result.page_offsets) == 8 and result.page_offsets[0] == 0
+    sentence = ("Applying a simple neural network on image data directly can work, "
+                "but the number of parameters gets extraordinary large.")
+    assert sentence in words(result.page_text(1))
+    assert sentence not in words(result.page_text(0)) and "Creativity in Machine Learning" in result.page_text(0)
+    # pages joined by a blank line, offsets pointing at each page's start
+    for i in range(1, 8):
+        assert result.text[result.page_offsets[i] - len(PAGE_SEPARATOR):result.page_offsets[i]] == PAGE_SEPARATOR
+    assert PAGE_SEPARATOR.join(result.page_text(i) for i in range(8)) == result.text
+    assert result.chars == len(result.text) > 20_000
+    assert "\r" not in result.text
+    assert 0 < result.extraction_seconds < 10
+    assert result.sha256 == hashlib.sha256(PAPER.read_bytes()).hexdigest()
+
+
+def test_line_end_hyphens_are_joined():
+    # PDFium marks hyphens it removed at line ends with U+FFFE: "mathemati-/cally" is one word
+    result = extract_in_process(PDF / "olmocr" / "gnarly" / "bws_book_ch2.pdf")
+    assert "\ufffe" not in result.text
+    assert "technique is mathematically valid" in words(result.text)
+
+
+def test_one_worker_process_serves_many_files():
+    files = sorted(BORN_DIGITAL.glob("*.pdf"))
+    with PdfExtractor() as ex:
+        results = [ex.extract(f) for f in files]
+        assert ex.starts == 1
+    assert sum(r.drop is None for r in results) == len(files) - 1  # all but the password-protected one
+
+
+def test_extract_pdf_matches_in_process_extraction():
+    assert extract_pdf(FOUR_PAGES).text == extract_in_process(FOUR_PAGES).text
+
+
+# --------------------------------------------------------------------- one reason each
+
+
+def test_empty(extractor, broken):
+    for path in (broken["empty"], PDF / "pdfplumber" / "empty.pdf"):
+        result = extractor.extract(path)
+        assert (result.drop, result.pages, result.text) == ("empty", 0, "")
+
+
+@pytest.mark.parametrize("name", ["cut_1mib", "cut_half"])
+def test_truncated(extractor, broken, name):
+    result = extractor.extract(broken[name])
+    assert result.drop == "truncated", result.error
+    assert result.text == ""
+
+
+@pytest.mark.parametrize("name", ["random", "not_pdf"])
+def test_malformed(extractor, broken, name):
+    assert extractor.extract(broken[name]).drop == "malformed"
+
+
+def test_password_protected(extractor, broken):
+    for path in (broken["locked"], PDF / "pdfplumber" / "password-example.pdf",
+                 BORN_DIGITAL / "libreoffice-writer-password.pdf"):
+        result = extractor.extract(path)
+        assert (result.drop, result.encrypted, result.text) == ("encrypted", True, "")
+
+
+def test_encrypted_with_empty_password_is_extracted(extractor, broken):
+    result = extractor.extract(broken["open_encrypted"])
+    assert (result.drop, result.encrypted, result.pages) == (None, True, 4)
+    assert result.text == extractor.extract(FOUR_PAGES).text
+
+
+def test_zero_pages(extractor, broken):
+    assert extractor.extract(broken["zero_pages"]).drop == "zero_pages"
+
+
+def test_too_many_pages_is_dropped_whole(extractor, broken):
+    result = extractor.extract(broken["thousand"])
+    assert (result.drop, result.pages, result.text) == ("too_many_pages", 1000, "")
+    assert "1000 pages" in result.error
+
+
+def test_too_many_pages_is_configurable(extractor, broken):
+    result = extractor.extract(broken["thousand"], max_pages=1000)
+    assert (result.drop, result.pages, len(result.page_offsets)) == (None, 1000, 1000)
+
+
+def test_timeout_kills_the_worker_and_the_next_file_works(broken):
+    with PdfExtractor(max_pages=10_000) as ex:
+        ex.start()
+        result = ex.extract(broken["thousand"], time_limit_s=0.05)
+        assert (result.drop, result.text) == ("timeout", "")
+        assert result.sha256 == hashlib.sha256(broken["thousand"].read_bytes()).hexdigest()
+        assert 0.05 <= result.extraction_seconds < 5
+        assert ex.extract(FOUR_PAGES).drop is None
+        assert ex.starts == 2
+
+
+def test_a_dead_worker_is_replaced(extractor):
+    extractor.start()
+    extractor._proc.kill()
+    extractor._proc.wait()
+    assert extractor.extract(FOUR_PAGES).pages == 4
+
+
+def test_no_text_layer(extractor, broken):
+    scan = extractor.extract(PDF / "olmocr" / "bench_sample" / "pdfs" / "lincoln_letter.pdf")
+    assert (scan.drop, scan.needs_ocr, scan.pages, scan.text) == ("no_text_layer", True, 1, "")
+    blank = extractor.extract(broken["blank"])  # nothing to OCR either
+    assert (blank.drop, blank.needs_ocr) == ("no_text_layer", False)
+
+
+def test_unreadable(extractor, tmp_path):
+    assert extractor.extract(tmp_path / "missing.pdf").drop == "unreadable"
+    folder = tmp_path / "folder.pdf"
+    folder.mkdir()
+    assert extractor.extract(folder).drop == "unreadable"
+
+
+def test_every_reason_is_known(extractor, broken):
+    reasons = {extractor.extract(path).drop for path in broken.values()}
+    assert reasons - {None} <= set(REASONS)
+
+
+# --------------------------------------------------------------------- OCR routing
+
+
+@pytest.mark.parametrize("name", SCANNED + GARBLED)
+def test_scanned_and_garbled_documents_need_ocr(extractor, name):
+    result = extractor.extract(PDF / "olmocr" / "gnarly" / name)
+    assert result.drop is None
+    assert result.needs_ocr and result.ocr_score >= 0.5, (result.ocr_score, result.figures)
+
+
+def test_born_digital_documents_do_not_need_ocr(extractor):
+    results = {p.name: extractor.extract(p) for p in sorted(BORN_DIGITAL.glob("*.pdf"))}
+    results = {name: r for name, r in results.items() if r.drop is None}
+    assert len(results) == 12
+    for name, result in results.items():
+        assert not result.needs_ocr and result.ocr_score < 0.2, (name, result.ocr_score, result.figures)
+
+
+def test_routing_figures():
+    scan = extract_in_process(PDF / "olmocr" / "gnarly" / "most_content_in_image_form.pdf").figures
+    assert scan.image_only_share > 0.8 and scan.chars_per_page < 100
+    garbled = extract_in_process(PDF / "olmocr" / "gnarly" / "dolma-page-1.pdf").figures
+    assert garbled.vowel_share < 0.15 and garbled.bad_word_share > 0.3
+    clean = extract_in_process(PAPER).figures
+    assert clean.vowel_share > 0.35 and clean.garbled_share < 0.01 and clean.image_only_share == 0
+
+
+def _shift(text: str, by: int) -> str:
+    return "".join(chr((ord(c) - 97 + by) % 26 + 97) if "a" <= c <= "z" else c for c in text)
+
+
+def test_route_ocr_on_text_alone():
+    def page(text: str) -> list[PageStats]:
+        return [PageStats(chars=len(text.replace(" ", "")), image_cover=0.0, largest_image=0.0)]
+
+    text = words(extract_in_process(PAPER).text)[:5000]
+    assert route_ocr(text, page(text))[:2] == (False, 0.0)
+    shifted = _shift(text, -1)  # a font whose codes are off by one
+    assert route_ocr(shifted, page(shifted))[0]
+    replaced = "\ufffd" * 50 + text[:1000]  # ~6% replacement characters
+    assert route_ocr(replaced, page(replaced))[0]
+    pictures = [PageStats(chars=10, image_cover=1.0, largest_image=1.0)] * 3
+    assert route_ocr("Figure 1", pictures)[:2] == (True, 1.0)
+
+
+# --------------------------------------------------------------------- the reader
+
+
+def test_reader_gives_one_document_per_pdf(broken):
+    files = [PAPER, broken["locked"], broken["empty"], broken["cut_1mib"], broken["thousand"],
+             PDF / "olmocr" / "gnarly" / "horribleocr.pdf", PDF / "olmocr" / "bench_sample" / "pdfs" / "lincoln_letter.pdf"]
+    docs = list(iter_records(files, "pdf", "text", "id"))
+    assert [d.metadata.get(DROP_KEY) for d in docs] == [
+        None, "encrypted", "empty", "truncated", "too_many_pages", "needs_ocr", "no_text_layer"]
+    assert [d.id for d in docs] == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    kept = docs[0]
+    assert kept.text == extract_pdf(PAPER).text
+    meta = kept.metadata
+    assert (meta["pages"], meta["chars"], meta[CHARS_KEY], meta["file"]) == (8, len(kept.text), len(kept.text), PAPER.name)
+    assert (meta["producer"], meta["encrypted"], meta["needs_ocr"]) == ("pdfTeX-1.40.12", False, False)
+    assert len(meta["page_offsets"]) == 8 and meta["extraction_seconds"] > 0 and 0 <= meta["ocr_score"] < 0.5
+    scanned = docs[5]
+    assert scanned.metadata["needs_ocr"] and scanned.metadata["ocr_score"] >= 0.5 and scanned.text
+    assert docs[1].metadata["encrypted"] and "error" in docs[1].metadata
+
+
+def test_pdf_sources_in_recipes(tmp_path):
+    assert SUFFIXES["pdf"] == (".pdf",)
+    src = SourceSpec(kind="pdf", path=str(BORN_DIGITAL))
+    assert [p.name for p in source_files(src)] == sorted(p.name for p in BORN_DIGITAL.rglob("*.pdf"))
