@@ -167,13 +167,13 @@ class FoundryLightevalModel(LightevalModel):
                 contexts = [self.context_for(dataclasses.replace(doc, query=q)) for q in partial]
             else:
                 contexts = [self.context_for(doc)] * len(doc.choices)
-            for c, (context, choice) in enumerate(zip(contexts, doc.choices)):
+            for c, (context, choice) in enumerate(zip(contexts, doc.choices, strict=True)):
                 ctx, cont = self.encode_pair(context, choice)
                 requests.append(_Request(d, c, ctx, cont))
         scores = self.score_requests([(r.context, r.continuation) for r in requests])
 
         per_doc: list[list[tuple[_Request, tuple[float, bool, int]]]] = [[] for _ in docs]
-        for req, score in zip(requests, scores):
+        for req, score in zip(requests, scores, strict=True):
             per_doc[req.doc_index].append((req, score))
         responses = []
         for items in per_doc:

@@ -53,7 +53,7 @@ def _details_rows(spec, details: list) -> list[dict]:
             pred = pred_norm = gold if correct else -1  # -1: the greedy continuation is something else
             correct_norm = correct
         else:
-            norm = [lp / len(c) for lp, c in zip(lps, doc.choices)]
+            norm = [lp / len(c) for lp, c in zip(lps, doc.choices, strict=True)]
             pred = max(range(len(lps)), key=lps.__getitem__)
             pred_norm = max(range(len(norm)), key=norm.__getitem__)
             correct = bool(det.metric.get("acc", pred == gold))

@@ -34,9 +34,9 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 # ---------------------------------------------------------------------------
 # Readers: source file -> raw records
@@ -206,7 +206,7 @@ def build_record(spec: TaskSpec, raw: dict) -> dict:
     stem = raw["stem"].rstrip()
     if spec.form == "mc":
         letters = LETTERS[: len(raw["choices"])]
-        listing = "\n".join(f"{L}. {c}" for L, c in zip(letters, raw["choices"]))
+        listing = "\n".join(f"{L}. {c}" for L, c in zip(letters, raw["choices"], strict=True))
         return {"query": f"{stem}\n{listing}\nAnswer:", "choices": [" " + L for L in letters], "gold": raw["gold"]}
     return {"query": stem + spec.answer_prompt, "choices": [" " + c for c in raw["choices"]], "gold": raw["gold"]}
 

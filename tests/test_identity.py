@@ -227,10 +227,10 @@ def test_store_key_moves_with_inputs():
 
 def _raw_then_curated_key(src, store) -> tuple[str, str]:
     """Mirror engine.materialize for raw_<s> -> curated_<s>: returns (raw key, curated key)."""
-    from assets.curation import curated_spec
-    from assets.recipe import source_files
     from types import SimpleNamespace
 
+    from assets.curation import curated_spec
+    from assets.recipe import source_files
     from assets.sources import build_raw, content_hash, file_table, raw_spec
 
     table = file_table(source_files(src, data_root()))

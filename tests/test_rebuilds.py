@@ -145,10 +145,9 @@ def test_second_recipe_shares_curated_and_tokenized_outputs(session):
 
 
 def test_stats_tables_answer_queries(session):
-    from assets.stats import query
-
     from assets.recipe import source_files
     from assets.settings import data_root
+    from assets.stats import query
     from dataprep.readers import iter_records
 
     cols, rows = query(session.store, "select source, count(*), sum(kept::int) from curation "
@@ -254,8 +253,9 @@ def test_source_file_changes_are_detected(session, tmp_path):
     report = session.sync(path)
     assert report["cache_hit"] == ["t4/raw_commoncrawl"] and report["ran"] == []  # same content
 
-    from assets import lineage
     from dagster import AssetKey
+
+    from assets import lineage
 
     curated = AssetKey(["t4", "curated_commoncrawl"])
     before = lineage.latest(session.instance, curated).data_version

@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from training import train as train_mod
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import MixtureTokenStream
 from training.model import ModelConfig, Transformer
 from training.optim import build_optimizer, lr_at
-from training import train as train_mod
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, max_seq_len=16)

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from assets.recipe import RecipeError, parse_recipe
+from tests.test_training import TINY, write_run
 from training import train as train_mod
 from training.checkpoint import load_checkpoint
 from training.model import ModelConfig, Transformer, document_ids, document_positions
 from training.muon import Muon, newton_schulz, split_params
 from training.optim import build_optimizer
 from training.qk_clip import apply_qk_clip, clip_scales
-from tests.test_training import TINY, write_run
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 KERNEL_CHOICES = ("reference", "triton")
 
 
