@@ -10,6 +10,7 @@ curated_<source>   unpartitioned manifest over every file raw_<source> recorded:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from dagster import MetadataValue
 
-from dataprep.curate import STEP_ORDER, run_curation, useful_workers
+from dataprep.curate import STEP_ORDER, run_curation, run_curation_per_file, useful_workers
 from dataprep.dedup import run_minhash_dedup
 
 from . import curation_report
@@ -28,9 +29,10 @@ from .engine import BuildContext, read_json
 from .identity import code_version
 from .plan import AssetPlan
 from .recipe import SourceSpec
-from .shards import shard_outputs
+from .resources import FoundryResource
+from .shards import current_files, shard_key, shard_outputs
 from .sources import reader_spec
-from .store import Manifest
+from .store import Manifest, file_sha256
 
 DEDUP_COLUMNS = [("cluster_id", pa.int64()), ("cluster_size", pa.int64())]
 
@@ -74,6 +76,38 @@ def build_filtered(ctx: BuildContext, file: Path) -> dict[str, Any]:
     ctx.log.info(f"{ctx.plan.label}[{file.name}]: kept {counts['kept']:,} of {counts['documents']:,} documents; "
                  f"datatrove logs in {ctx.logs_dir}")
     return counts
+
+
+def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResource) -> list[str]:
+    """Build the store outputs of several file partitions in one datatrove run.
+
+    Each partition run then finds its output (a cache hit) and records it; without this, every
+    partition would start its own process pool. Outputs are the same bytes either way.
+    Returns the partitions whose outputs it built.
+    """
+    src: SourceSpec = plan.context["source"]
+    store = foundry.store()
+    files = current_files(plan, foundry.data_path())
+    todo = []
+    for name in names:
+        if name in files:
+            key = shard_key(plan, file_sha256(files[name]))
+            if store.lookup("filtered", key) is None and key not in {k for _, _, k in todo}:
+                todo.append((name, files[name], key))
+    if len(todo) < 2:
+        return []  # one file: its own run is as fast
+    paths = [path for _, path, _ in todo]
+    with contextlib.ExitStack() as stack:
+        builds = [stack.enter_context(store.build("filtered", key, spec=plan.spec)) for _, _, key in todo]
+        counts = run_curation_per_file(
+            paths, src.kind, src.text_key, src.id_key, src.limit, src.shards, src.curation.model_dump(mode="json"),
+            out_dirs=[b.dir for b in builds], workers=useful_workers(paths, foundry.workers, src.shards * len(paths),
+                                                                    None if src.limit is None else src.limit * len(paths)),
+            logs_dir=store.root / "logs" / "filtered" / f"batch-{todo[0][2]}", executor=foundry.executor_settings(),
+        )
+        for build, c in zip(builds, counts, strict=True):
+            build.counts.update(c)
+    return [name for name, _, _ in todo]
 
 
 def describe_filtered(manifest: Manifest) -> dict[str, Any]:

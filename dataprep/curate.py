@@ -192,7 +192,7 @@ def _strip_internal(doc: Document) -> dict:
 
 def curation_steps(
     files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None, curation: dict[str, Any],
-    excluded_dir: Path | None = None,
+    excluded_dir: Path | None = None, shards_per_file: int | None = None,
 ) -> list[PipelineStep]:
     """Reader, extraction and the configured steps in FineWeb's order (no sink, no writer).
 
@@ -202,7 +202,7 @@ def curation_steps(
     def judged(step: str, inner: BaseFilter) -> Judged:
         return Judged(step, inner, str(excluded_dir / step) if excluded_dir is not None else None)
 
-    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit)]
+    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit, shards_per_file)]
     if kind == "warc":
         # deduplicate=False: Trafilatura's own dedup caches paragraphs across pages, so a page's
         # text would depend on the pages its process saw before; MinHash removes duplicates.
@@ -239,7 +239,49 @@ def run_curation(
     `executor` picks where the tasks run (local processes by default; Slurm or Ray).
     """
     steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=out_dir / "excluded")
-    steps.append(DecisionSink(str(out_dir / "decisions")))
+    _run_with_sinks(steps, out_dir, shards, workers, logs_dir, executor)
+    return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
+
+
+def run_curation_per_file(
+    files: list[Path],
+    kind: str,
+    text_key: str,
+    id_key: str,
+    limit: int | None,
+    shards: int,
+    curation: dict[str, Any],
+    out_dirs: list[Path],
+    workers: int,
+    logs_dir: Path | None = None,
+    executor: ExecutorSettings | None = None,
+) -> list[dict[str, Any]]:
+    """Curate each file into its own out_dir, exactly as `run_curation([file], ...)` would, but
+    in one datatrove run (one process pool for all files: ranks = files x shards)."""
+    if len(files) != len(out_dirs):
+        raise ValueError(f"{len(files)} files but {len(out_dirs)} output folders")
+    work = out_dirs[0].parent / f"{out_dirs[0].name}.batch"
+    shutil.rmtree(work, ignore_errors=True)
+    steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=work / "excluded",
+                           shards_per_file=shards)
+    try:
+        _run_with_sinks(steps, work, shards * len(files), workers, logs_dir, executor)
+        # rank r of the batch is shard r % shards of file r // shards: move each part home
+        for part in sorted(p for p in work.rglob("*") if p.is_file()):
+            rank = int(part.name.split(".")[0])
+            index, shard = divmod(rank, shards)
+            target = out_dirs[index] / part.parent.relative_to(work) / f"{shard:05d}{''.join(part.suffixes)}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            part.rename(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return [merge_decisions(out / "decisions", out / "decisions.parquet") for out in out_dirs]
+
+
+def _run_with_sinks(steps: list[PipelineStep], out_dir: Path, tasks: int, workers: int, logs_dir: Path | None,
+                    executor: ExecutorSettings | None) -> None:
+    """Add the decision sink and the kept-documents writer, and run the pipeline."""
+    steps = [*steps, DecisionSink(str(out_dir / "decisions"))]
     # Uncompressed output: gzip headers carry timestamps, which would make identical
     # content hash differently and wake up everything downstream.
     steps.append(
@@ -250,10 +292,9 @@ def run_curation(
     if keep_logs:
         shutil.rmtree(logs, ignore_errors=True)  # a previous, interrupted attempt of this key
     settings = executor or ExecutorSettings()
-    run_executor(make_executor(steps, shards, workers, str(logs), settings, job_name="curate"), settings)
+    run_executor(make_executor(steps, tasks, workers, str(logs), settings, job_name="curate"), settings)
     if not keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
-    return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
 
 
 def _adapter(self, doc: Document) -> dict:  # datatrove calls adapter(writer, doc)

@@ -463,24 +463,34 @@ class SourceReader(PipelineStep):
 
     Sharding by document rather than by file lets a single large file use every worker,
     and makes the output depend on the shard count (part of the spec), never on workers.
+
+    With `shards_per_file`, each file is curated as if alone: rank r reads only file
+    r // shards_per_file and takes its shard r % shards_per_file, so one datatrove run (one
+    process pool) produces exactly what separate runs per file would.
     """
 
     name = "📖 Foundry source reader"
     type = "📖 - READER"
 
-    def __init__(self, files: list[str], kind: str, text_key: str, id_key: str, limit: int | None):
+    def __init__(self, files: list[str], kind: str, text_key: str, id_key: str, limit: int | None,
+                 shards_per_file: int | None = None):
         super().__init__()
         self.files = [Path(f) for f in files]
         self.kind = kind
         self.text_key = text_key
         self.id_key = id_key
         self.limit = limit
+        self.shards_per_file = shards_per_file
 
     def run(self, data=None, rank: int = 0, world_size: int = 1) -> Iterator[Document]:
-        for i, doc in enumerate(iter_records(self.files, self.kind, self.text_key, self.id_key, self.limit)):
-            if i % world_size != rank:
+        files, shard, shards = self.files, rank, world_size
+        if self.shards_per_file is not None:
+            index, shard = divmod(rank, self.shards_per_file)
+            files, shards = [self.files[index]], self.shards_per_file
+        for i, doc in enumerate(iter_records(files, self.kind, self.text_key, self.id_key, self.limit)):
+            if i % shards != shard:
                 continue
-            doc.metadata[SHARD_KEY] = rank
+            doc.metadata[SHARD_KEY] = shard
             self.stat_update("documents")
             if DROP_KEY in doc.metadata:
                 self.stat_update(f"dropped_{doc.metadata[DROP_KEY]}")
