@@ -154,11 +154,8 @@ def test_larger_samples_keep_the_same(bare_side, inputs, tmp_path, chain):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "Foundry's jsonl reader drops a nested `metadata` object (Dolma/CCNet format keeps the url "
-    "there), so its URL filter sees no url and drops every commoncrawl_raw document as no_url; "
-    "datatrove's JsonlReader lifts metadata.url to the top and keeps 108 of 727"))
 def test_web_chain_on_nested_metadata_urls(bare_side, tmp_path):
+    """Dolma/CCNet records keep the url under `metadata`: both readers must lift it for the URL filter."""
     foundry, bare, reasons = compare(bare_side, commoncrawl_files(), WEB, tmp_path, shards=2)
     assert bare, "the bare pipeline keeps some commoncrawl documents"
     assert_same(foundry, bare, reasons)
