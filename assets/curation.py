@@ -233,14 +233,9 @@ def describe_curated(manifest: Manifest) -> dict[str, Any]:
         "kept_fraction": round(c.get("kept", 0) / docs, 4),
         "files": c.get("files", 0),
         "minhash_clusters": c.get("clusters", 0),
-        "steps": MetadataValue.md(curation_report.step_table_markdown(c.get("steps", []))),
         "drop_reasons": MetadataValue.md(reasons_markdown(c.get("reasons", {}), docs)),
     }
     decisions = manifest.path / "decisions.parquet"
-    if decisions.is_file():
-        table = pq.read_table(decisions, columns=["kept", "chars"])
-        chars = table["chars"].to_pylist()
-        after = [n for n, k in zip(chars, table["kept"].to_pylist(), strict=True) if k]
-        png = curation_report.length_histogram_png(chars, after)
-        out["length_histogram"] = MetadataValue.md(curation_report.histogram_markdown(png))
+    if decisions.is_file():  # per-step funnel and the length histogram before/after
+        out.update(curation_report.curation_report_metadata(decisions, STEP_ORDER))
     return out

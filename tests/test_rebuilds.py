@@ -99,6 +99,14 @@ def test_first_sync_builds_everything(session):
         "CC-MAIN-20190717121559-20190717143559-00140.jsonl.gz", "cc_en_head-0091.jsonl.gz",
         "cc_en_head-0174.jsonl.gz", "provided_documents_000.json.gz"}
     assert session.first["cache_hit"] == []
+    # the UI page of a curated source: the step funnel and the length histogram
+    from dagster import AssetKey
+
+    from assets import lineage
+
+    meta = lineage.latest(session.instance, AssetKey(["t1", "curated_commoncrawl"])).metadata
+    assert "| gopher_quality |" in meta["curation_steps"]
+    assert meta["length_histogram"].startswith("![length histogram](data:image/png;base64,")
 
 
 def test_noop_sync_touches_nothing(session):
