@@ -28,7 +28,8 @@ def condition_for(kind: str, policy: AutomationSpec) -> AutomationCondition | No
         return AutomationCondition.code_version_changed().with_label("own code version changed")
     if kind in DATA_KINDS:
         return data_condition()
-    choice = policy.training if kind == "checkpoint" else policy.evaluation
+    choices = {"checkpoint": policy.training, "rephrased": policy.rephrase}
+    choice = choices.get(kind, policy.evaluation)
     return data_condition() if choice == "eager" else None
 
 

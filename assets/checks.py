@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetCheckSpec
 
 from .plan import AssetPlan
-from .recipe import CurationSpec
+from .recipe import CurationSpec, RephraseSpec
 from .store import Manifest
 
 
@@ -124,9 +124,35 @@ CHECKS: list[Check] = [
 ]
 
 
+def _failed_share_at_most(ceiling: float) -> Callable[[Manifest], tuple[bool, str]]:
+    def evaluate(m: Manifest) -> tuple[bool, str]:
+        pairs, failed = m.counts.get("pairs", 0), m.counts.get("failed", 0)
+        share = failed / pairs if pairs else 0.0
+        return share <= ceiling, f"{failed:,} of {pairs:,} document-styles failed ({share:.3f}, ceiling {ceiling:g})"
+
+    return evaluate
+
+
+def _rephrased_documents(m: Manifest) -> tuple[bool, str]:
+    docs = m.counts.get("documents", 0)
+    return docs > 0, f"{docs:,} rephrased documents"
+
+
+def rephrased_checks(spec: RephraseSpec) -> list[Check]:
+    cfg = spec.checks
+    return [
+        Check("has_documents", "rephrased", True, "At least one document was rephrased.", _rephrased_documents),
+        Check("failed_share", "rephrased", cfg.blocking,
+              f"At most {cfg.max_failed_share:g} of document-styles failed (reasons in the rephrase table).",
+              _failed_share_at_most(cfg.max_failed_share)),
+    ]
+
+
 def checks_for(plan: AssetPlan) -> list[Check]:
     if plan.kind == "curated":
         return curated_checks(plan.context["source"].curation)
+    if plan.kind == "rephrased":
+        return rephrased_checks(plan.context["rephrase"])
     return [c for c in CHECKS if c.kind == plan.kind]
 
 

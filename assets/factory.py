@@ -23,6 +23,7 @@ from .evaluation import build_eval_report, describe_eval_report
 from .mixture import build_mixture_asset, describe_mixture
 from .plan import AssetPlan
 from .recipe import Recipe, source_files
+from .rephrase import build_rephrased, describe_rephrased, model_folder, rephrase_spec
 from .resources import FoundryResource
 from .settings import resolve_data_path
 from .shards import current_files, partitions_def, partitions_name, shard_sensor
@@ -69,10 +70,17 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
     plans.append(AssetPlan(r, "tokenizer", "tokenizer", tok_spec, tok_inputs,
                            "Byte-level BPE trained on a sample of the raw sources (or the file the recipe names).",
                            {"tokenizer": tok, "sources": recipe.sources}))
-    for s in recipe.sources:
-        plans.append(AssetPlan(r, f"tokenized_{s}", "tokenized", {}, {"curated": key(f"curated_{s}"),
+    for name, spec in recipe.rephrase.items():
+        plans.append(AssetPlan(r, f"rephrased_{name}", "rephrased", rephrase_spec(spec),
+                               {"curated": key(f"curated_{spec.source}")},
+                               f"Kept documents of '{spec.source}' rewritten as {', '.join(spec.styles)} by the "
+                               f"{spec.backend.kind} backend" + (f" ({spec.backend.model})." if spec.backend.model else "."),
+                               {"rephrase": spec, "name": name}))
+    for s in recipe.corpora():
+        upstream = f"curated_{s}" if s in recipe.sources else f"rephrased_{s}"
+        plans.append(AssetPlan(r, f"tokenized_{s}", "tokenized", {}, {"curated": key(upstream),
                                                                        "tokenizer": key("tokenizer")},
-                               f"Token ids of curated '{s}' with document boundaries."))
+                               f"Token ids of {upstream} with document boundaries."))
     plans.append(AssetPlan(r, "mixture", "mixture", recipe.mixture.model_dump(mode="json"),
                            {s: key(f"tokenized_{s}") for s in recipe.mixed_sources()},
                            "Weights and token budget turned into a shuffled document index.",
@@ -84,8 +92,8 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
     plans.append(AssetPlan(r, "eval_report", "eval_report", recipe.evals.model_dump(mode="json"),
                            {"checkpoint": key("checkpoint"), "tokenizer": key("tokenizer")},
                            "lighteval tasks and held-out loss of the checkpoint.", {"evals": recipe.evals}))
-    stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "tokenized", "mixture", "checkpoint",
-                                                              "eval_report")}
+    stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "rephrased", "tokenized", "mixture",
+                                                              "checkpoint", "eval_report")}
     plans.append(AssetPlan(r, "data_stats", "data_stats", {}, stat_inputs,
                            "DuckDB views over this recipe's statistics (`foundry sql`)."))
     return plans
@@ -93,6 +101,7 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
 
 BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "curated": (build_curated, describe_curated),
+    "rephrased": (build_rephrased, describe_rephrased),
     "tokenized": (build_tokenized, describe_tokenized),
     "mixture": (build_mixture_asset, describe_mixture),
     "checkpoint": (build_checkpoint, describe_checkpoint),
@@ -100,8 +109,8 @@ BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "data_stats": (build_data_stats, describe_data_stats),
 }
 KINDS = {
-    "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "tokenizer": {"tokenizers"}, "tokenized": {"numpy"},
-    "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"},
+    "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "rephrased": {"llm"},
+    "tokenizer": {"tokenizers"}, "tokenized": {"numpy"}, "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"},
 }
 
 
@@ -145,6 +154,23 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
             return materialize(context, foundry, plan, build_tokenizer, describe_tokenizer, extra_inputs=extra)
 
         return run_tokenizer
+    if plan.kind == "rephrased":
+        backend = plan.context["rephrase"].backend
+
+        def run_rephrased(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            extra = {}
+            if backend.kind == "transformers":  # the model folder's content is an input like data
+                from dataprep.rephrase.hf_backend import model_fingerprint
+
+                folder = model_folder(backend, foundry.data_path())
+                if not (folder / "config.json").is_file():
+                    raise FileNotFoundError(f"{plan.label}: backend.model {folder} is not a model folder "
+                                            "(no config.json)")
+                extra = {"model": model_fingerprint(folder)}
+                plan.context["model_fingerprint"] = extra["model"]
+            return materialize(context, foundry, plan, build_rephrased, describe_rephrased, extra_inputs=extra)
+
+        return run_rephrased
     build, describe = BUILDERS[plan.kind]
     if plan.kind == "data_stats":
 

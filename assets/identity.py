@@ -24,12 +24,13 @@ LOGIC_VERSIONS: dict[str, str] = {
     "raw": "raw-1",
     "filtered": "filtered-2",  # one file through the filters; 2: nested metadata (url), no Trafilatura dedup
     "curated": "curated-2",  # 2: gathers per-file partitions, MinHash dedup, url/cluster columns
+    "rephrased": "rephrased-1",
     "tokenizer": "tokenizer-2",  # 2: WARC samples extracted without Trafilatura's cross-page dedup
     "tokenized": "tokenized-1",
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",
     "eval_report": "eval-2",  # 2: form column, per-item details.parquet
-    "data_stats": "stats-3",  # 2: eval_items table; 3: file, url, domain, cluster columns in curation
+    "data_stats": "stats-4",  # 2: eval_items; 3: file, url, domain, cluster columns in curation; 4: rephrase
 }
 
 

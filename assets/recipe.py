@@ -238,6 +238,132 @@ class SourceSpec(Strict):
         return self
 
 
+# --- rephrasing: curated documents rewritten by an LLM (or the extractive heuristic) ----
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Fields that change how requests are sent, not what comes back: never hashed.
+REPHRASE_KNOBS = frozenset({"base_url", "api_key_env", "concurrency", "timeout_s", "max_retries", "backoff_s",
+                            "batch_size", "device"})
+
+
+class RephraseBackendSpec(Strict):
+    kind: Literal["openai", "transformers", "extractive"] = Field(
+        description="openai: any OpenAI-compatible chat endpoint (vLLM, SGLang, TGI, llama.cpp, Ollama); "
+        "transformers: a local Hugging Face causal LM folder; extractive: rules, no model (a heuristic)"
+    )
+    model: str | None = Field(None, description="openai: the served model name; transformers: the model folder "
+                              "(relative paths under the data root)")
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, gt=0, description="tokens generated per chunk at most")
+    seed: int = 0
+    max_items: int = Field(8, gt=0, description="extractive: items per chunk at most")
+    # execution knobs (not hashed)
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="openai: endpoint root; ${VAR:-default} expands")
+    api_key_env: str | None = Field(None, description="openai: NAME of the environment variable holding the key "
+                                    "(keys never go in recipes)")
+    concurrency: int = Field(16, ge=1, le=4096, description="openai: requests in flight at most")
+    timeout_s: float = Field(120.0, gt=0, description="openai: seconds per attempt")
+    max_retries: int = Field(4, ge=0, description="openai: retries on 429, 5xx, timeouts, connection errors")
+    backoff_s: float = Field(1.0, ge=0, description="openai: base of the exponential backoff")
+    batch_size: int = Field(8, ge=1, description="transformers: prompts per generate call")
+    device: str = Field("auto", description="transformers: auto, cpu, cuda, cuda:1, ...")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, name: str | None) -> str | None:
+        if name is not None and not ENV_NAME.match(name):
+            raise ValueError("must be the name of an environment variable (like OPENAI_API_KEY), not the key itself")
+        return name
+
+    @model_validator(mode="after")
+    def _model_needed(self) -> RephraseBackendSpec:
+        if self.kind in ("openai", "transformers") and not self.model:
+            raise ValueError(f"backend {self.kind} needs 'model'")
+        if self.kind == "extractive" and self.model:
+            raise ValueError("the extractive backend has no model; leave 'model' out")
+        return self
+
+    def params(self) -> dict[str, Any]:
+        """Sampling parameters: part of every request-cache key."""
+        if self.kind == "extractive":
+            return {"max_items": self.max_items}
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "seed": self.seed}
+
+
+class RephraseChecksSpec(Strict):
+    max_failed_share: float = Field(0.1, ge=0, le=1, description="share of documents whose rephrasing failed")
+    blocking: bool = False
+
+
+class RephraseSpec(Strict):
+    source: str = Field(description="the curated source whose kept documents are rephrased")
+    where: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="filter on curation columns: numeric -> [min, max] (null = open), text -> list of values",
+    )
+    sample: int | None = Field(None, gt=0, description="rephrase this many of the matching documents (seeded)")
+    seed: int = 0
+    styles: list[str] = Field(min_length=1, description="built-in style names (qa, conversation, wikipedia, "
+                              "tutorial, cloze) or paths to style .yaml files, relative to the project root")
+    backend: RephraseBackendSpec
+    max_chunk_chars: int = Field(6000, ge=200, description="longer documents are cut at paragraph/sentence ends")
+    checks: RephraseChecksSpec = RephraseChecksSpec()
+
+    @field_validator("where")
+    @classmethod
+    def _where_valid(cls, where: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        from dataprep.rephrase.select import NUMERIC_COLUMNS, TEXT_COLUMNS
+
+        for column, cond in where.items():
+            if column in NUMERIC_COLUMNS:
+                if len(cond) != 2 or not all(v is None or isinstance(v, int | float) for v in cond):
+                    raise ValueError(f"'{column}' takes [min, max] with numbers or null")
+                if None not in cond and cond[0] > cond[1]:
+                    raise ValueError(f"'{column}': min {cond[0]} is above max {cond[1]}")
+            elif column in TEXT_COLUMNS:
+                if not cond or not all(isinstance(v, str) for v in cond):
+                    raise ValueError(f"'{column}' takes a non-empty list of strings")
+            else:
+                raise ValueError(f"unknown column '{column}': numeric {list(NUMERIC_COLUMNS)}, "
+                                 f"text {list(TEXT_COLUMNS)}")
+        return where
+
+    @model_validator(mode="after")
+    def _styles_valid(self) -> RephraseSpec:
+        from dataprep.rephrase.extractive import STYLES as EXTRACTIVE_STYLES
+
+        if len(set(self.styles)) != len(self.styles):
+            raise ValueError("styles: a style is listed twice")
+        for ref in self.styles:
+            _load_style(ref)
+        if self.backend.kind == "extractive":
+            other = [s for s in self.styles if s not in EXTRACTIVE_STYLES]
+            if other:
+                raise ValueError(f"the extractive backend writes only {list(EXTRACTIVE_STYLES)}; "
+                                 f"{other} need a model backend (openai or transformers)")
+        return self
+
+    def hashed(self) -> dict[str, Any]:
+        """What the rephrased corpus is: selection, styles by identity, backend, sampling. No knobs."""
+        data = self.model_dump(mode="json", exclude={"checks", "styles", "backend"})
+        data["styles"] = [_load_style(ref).identity() for ref in self.styles]
+        data["backend"] = {"kind": self.backend.kind, "model": self.backend.model, **self.backend.params()}
+        return data
+
+
+def _load_style(ref: str):
+    """A style by built-in name or project-relative path; errors name the style."""
+    from dataprep.rephrase.styles import StyleError, load_style
+
+    from .settings import PROJECT_ROOT
+
+    try:
+        return load_style(ref, PROJECT_ROOT)
+    except StyleError as err:
+        raise ValueError(f"style '{ref}': {err}") from None
+
+
 class TokenizerSpec(Strict):
     path: str | None = Field(None, description="use this tokenizer.json instead of training one")
     vocab_size: int = Field(8192, ge=300, le=1_000_000)
@@ -397,6 +523,9 @@ class AutomationSpec(Strict):
 
     training: Literal["eager", "manual"] = "manual"
     evaluation: Literal["eager", "manual"] = "eager"
+    rephrase: Literal["eager", "manual"] = Field(
+        "eager", description="manual keeps a paid endpoint from being called because a curated source changed"
+    )
 
 
 class Recipe(Strict):
@@ -409,6 +538,9 @@ class Recipe(Strict):
     optimizer: OptimizerSpec = OptimizerSpec()
     training: TrainingSpec = TrainingSpec()
     evals: EvalSpec = EvalSpec()
+    rephrase: dict[str, RephraseSpec] = Field(
+        default_factory=dict, description="rephrased corpora by name; each is a source for the mixture"
+    )
     automation: AutomationSpec = AutomationSpec()
 
     @field_validator("name")
@@ -431,22 +563,39 @@ class Recipe(Strict):
         return sources
 
     @model_validator(mode="after")
+    def _rephrase_valid(self) -> "Recipe":
+        for name, spec in self.rephrase.items():
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"rephrase name '{name}' must be lowercase letters, digits and '_'")
+            if name in self.sources:
+                raise ValueError(f"rephrase '{name}' has the name of a source; corpora need distinct names")
+            if spec.source not in self.sources:
+                raise ValueError(f"rephrase.{name}.source: unknown source '{spec.source}'; "
+                                 f"sources are {sorted(self.sources)}")
+        return self
+
+    @model_validator(mode="after")
     def _mixture_names_known(self) -> "Recipe":
-        unknown = sorted(set(self.mixture.weights) - set(self.sources))
+        corpora = self.corpora()
+        unknown = sorted(set(self.mixture.weights) - set(corpora))
         if unknown:
+            rephrased = f"; rephrased corpora are {sorted(self.rephrase)}" if self.rephrase else ""
             raise ValueError(
-                f"mixture.weights names unknown source(s) {unknown}; "
-                f"sources are {sorted(self.sources)}"
+                f"mixture.weights names unknown source(s) {unknown}; sources are {sorted(self.sources)}{rephrased}"
             )
         if isinstance(self.mixture.max_epochs, dict):
-            unknown = sorted(set(self.mixture.max_epochs) - set(self.sources))
+            unknown = sorted(set(self.mixture.max_epochs) - set(corpora))
             if unknown:
                 raise ValueError(f"mixture.max_epochs names unknown source(s) {unknown}")
         return self
 
+    def corpora(self) -> list[str]:
+        """Everything that can be tokenized and mixed: sources, then rephrased corpora."""
+        return [*self.sources, *self.rephrase]
+
     def mixed_sources(self) -> list[str]:
-        """Sources with a positive weight, in recipe order."""
-        return [s for s in self.sources if self.mixture.weights.get(s, 0) > 0]
+        """Corpora with a positive weight, in recipe order."""
+        return [s for s in self.corpora() if self.mixture.weights.get(s, 0) > 0]
 
 
 def _format_validation_error(origin: str, err: ValidationError) -> str:

@@ -33,6 +33,13 @@ TABLES: dict[str, dict[str, Any]] = {
                     "language_score": "DOUBLE", "file": "VARCHAR", "url": "VARCHAR", "domain": "VARCHAR",
                     "cluster_id": "BIGINT", "cluster_size": "BIGINT"},
     },
+    "rephrase": {
+        "kind": "rephrased", "file": "rephrase.parquet",
+        "columns": {"name": "VARCHAR", "source": "VARCHAR", "source_id": "VARCHAR", "style": "VARCHAR",
+                    "status": "VARCHAR", "reason": "VARCHAR", "chunks": "BIGINT", "tokens_in": "BIGINT",
+                    "tokens_out": "BIGINT", "latency_s": "DOUBLE", "attempts": "BIGINT", "cached_chunks": "BIGINT",
+                    "backend": "VARCHAR", "model": "VARCHAR"},
+    },
     "tokens": {
         "kind": "tokenized", "file": "stats.parquet", "columns": {"documents": "BIGINT", "tokens": "BIGINT"},
     },
@@ -62,8 +69,8 @@ TABLES: dict[str, dict[str, Any]] = {
 KIND_TO_TABLES: dict[str, list[str]] = {}
 for _name, _spec in TABLES.items():
     KIND_TO_TABLES.setdefault(_spec["kind"], []).append(_name)
-# tables whose rows carry no per-source column
-NO_SOURCE_TABLES = ("mixture", "train_metrics", "evals", "eval_items")
+# tables whose rows carry no per-source column added here (mixture and rephrase bring their own)
+NO_SOURCE_TABLES = ("mixture", "rephrase", "train_metrics", "evals", "eval_items")
 
 
 def build_data_stats(ctx: BuildContext) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def test_definitions_wire_groups_automation_and_sensor():
     loaded, defs = _demo()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert "demo/curated_fineweb" in keys and "demo/data_stats" in keys and len(keys) == 17
+    assert "demo/curated_fineweb" in keys and "demo/rephrased_fineweb_qa" in keys and len(keys) == 19
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.group_name == "demo"
@@ -65,6 +65,9 @@ def test_graph_dependencies():
     assert parents("curated_commoncrawl") == {"demo/raw_commoncrawl", "demo/filtered_commoncrawl"}
     assert parents("tokenizer") == {"demo/raw_fineweb", "demo/raw_commoncrawl", "demo/raw_warc"}  # raw, not curated
     assert parents("tokenized_fineweb") == {"demo/curated_fineweb", "demo/tokenizer"}
-    assert parents("mixture") == {"demo/tokenized_fineweb", "demo/tokenized_commoncrawl", "demo/tokenized_warc"}
+    assert parents("rephrased_fineweb_qa") == {"demo/curated_fineweb"}  # kept documents, not raw ones
+    assert parents("tokenized_fineweb_qa") == {"demo/rephrased_fineweb_qa", "demo/tokenizer"}
+    assert parents("mixture") == {"demo/tokenized_fineweb", "demo/tokenized_commoncrawl", "demo/tokenized_warc",
+                                  "demo/tokenized_fineweb_qa"}
     assert parents("checkpoint") == {"demo/mixture", "demo/tokenizer"}
     assert parents("eval_report") == {"demo/checkpoint", "demo/tokenizer"}

@@ -90,7 +90,7 @@ def test_code_version_is_logic_version_plus_spec():
 def test_code_versions_stable_across_processes_and_settings(tmp_path):
     recipe = load_recipe(DEMO)
     expected = demo_versions(recipe)
-    assert len(expected) == 17
+    assert len(expected) == 19
     assert len(set(expected.values())) >= 8  # real, distinct hashes
 
     alias = tmp_path / "data_alias"

@@ -329,7 +329,9 @@ def test_demo_recipe_loads():
     cc = recipe.sources["commoncrawl"].curation
     assert cc.language.languages == ["en"] and cc.minhash.num_buckets == 14 and cc.checks.language_share.blocking
     assert recipe.sources["warc"].kind == "warc"
-    assert recipe.mixture.weights == {"fineweb": 0.78, "commoncrawl": 0.2, "warc": 0.02}
+    assert recipe.mixture.weights == {"fineweb": 0.73, "commoncrawl": 0.2, "warc": 0.02, "fineweb_qa": 0.05}
+    qa = recipe.rephrase["fineweb_qa"]
+    assert (qa.source, qa.backend.kind, qa.styles) == ("fineweb", "extractive", ["qa", "cloze"])
     # the token budget covers what training reads (steps x batch x seq_len)
     t, m = recipe.training, recipe.model
     assert recipe.mixture.total_tokens >= t.steps * t.batch_size * m.seq_len
