@@ -148,7 +148,7 @@ def test_yaml_key_order_does_not_change_hashes(tmp_path):
     shuffled = reverse(original)
     # sources order is meaningful for nothing hashed; keep their order so labels line up
     shuffled["sources"] = {k: shuffled["sources"][k] for k in original["sources"]}
-    assert list(shuffled["mixture"]["weights"]) == ["warc", "commoncrawl", "fineweb"]
+    assert list(shuffled["mixture"]["weights"]) == ["fineweb_qa", "warc", "commoncrawl", "fineweb"]
     assert list(shuffled["sources"]["fineweb"]["curation"]) == [
         "fineweb_quality", "c4_quality", "gopher_quality", "gopher_repetition",
     ]
