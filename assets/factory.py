@@ -20,10 +20,11 @@ from . import automation, checks
 from .curation import build_curated, build_filtered, curated_spec, describe_curated, describe_filtered, filtered_spec
 from .engine import Builder, Describer, materialize
 from .evaluation import build_eval_report, describe_eval_report
+from .file_inputs import file_inputs
 from .mixture import build_mixture_asset, describe_mixture
 from .plan import AssetPlan
 from .recipe import Recipe, source_files
-from .rephrase import build_rephrased, describe_rephrased, model_folder, rephrase_spec
+from .rephrase import build_rephrased, describe_rephrased, rephrase_spec
 from .resources import FoundryResource
 from .settings import resolve_data_path
 from .shards import current_files, partitions_def, partitions_name, shard_sensor
@@ -102,6 +103,7 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
 BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "curated": (build_curated, describe_curated),
     "rephrased": (build_rephrased, describe_rephrased),
+    "tokenizer": (build_tokenizer, describe_tokenizer),
     "tokenized": (build_tokenized, describe_tokenized),
     "mixture": (build_mixture_asset, describe_mixture),
     "checkpoint": (build_checkpoint, describe_checkpoint),
@@ -143,34 +145,18 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
                                extra_inputs={"file": file_sha256(path)}, extra_metadata={"file": name})
 
         return run_filtered
-    if plan.kind == "tokenizer":
+    if plan.kind in ("tokenizer", "rephrased"):
+        build, describe = BUILDERS[plan.kind]
 
-        def run_tokenizer(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
-            extra = {}
-            if plan.context["tokenizer"].path is not None:
-                path = resolve_data_path(plan.context["tokenizer"].path, foundry.data_path())
-                plan.context["tokenizer_file"] = path
-                extra = {"file": file_sha256(path)}
-            return materialize(context, foundry, plan, build_tokenizer, describe_tokenizer, extra_inputs=extra)
+        def run_with_files(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            files = file_inputs(plan, foundry.data_path())  # content digests: part of the store key
+            if plan.kind == "tokenizer" and files:
+                plan.context["tokenizer_file"] = resolve_data_path(plan.context["tokenizer"].path, foundry.data_path())
+            if plan.kind == "rephrased" and files:
+                plan.context["model_fingerprint"] = files["model"]
+            return materialize(context, foundry, plan, build, describe, extra_inputs=files)
 
-        return run_tokenizer
-    if plan.kind == "rephrased":
-        backend = plan.context["rephrase"].backend
-
-        def run_rephrased(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
-            extra = {}
-            if backend.kind == "transformers":  # the model folder's content is an input like data
-                from dataprep.rephrase.hf_backend import model_fingerprint
-
-                folder = model_folder(backend, foundry.data_path())
-                if not (folder / "config.json").is_file():
-                    raise FileNotFoundError(f"{plan.label}: backend.model {folder} is not a model folder "
-                                            "(no config.json)")
-                extra = {"model": model_fingerprint(folder)}
-                plan.context["model_fingerprint"] = extra["model"]
-            return materialize(context, foundry, plan, build_rephrased, describe_rephrased, extra_inputs=extra)
-
-        return run_rephrased
+        return run_with_files
     build, describe = BUILDERS[plan.kind]
     if plan.kind == "data_stats":
 

@@ -30,6 +30,7 @@ from . import lineage
 from .curation import prebuild_filtered
 from .engine import read_json
 from .factory import RecipeAssets
+from .file_inputs import file_inputs
 from .plan import AssetPlan
 from .recipe import source_files
 from .resources import FoundryResource
@@ -95,6 +96,13 @@ def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, 
             return f"source files unreadable: {err}"
         if now != rec.metadata.get("fingerprint"):
             return "source files changed on disk"
+    try:
+        files = file_inputs(plan, root)
+    except Exception as err:  # noqa: BLE001 - reported, the asset will fail with detail
+        return f"input file unreadable: {err}"
+    for role, digest in files.items():
+        if rec.inputs.get(role) != digest:
+            return f"{role} file changed on disk"
     if rec.store_key is None or store.lookup(plan.kind, rec.store_key) is None:
         return "output missing from the store"
     return ""

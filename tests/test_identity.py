@@ -252,3 +252,24 @@ def test_changing_limit_changes_curated_store_key(tmp_path):
     raw_b, cur_b = _raw_then_curated_key(parse_recipe(b).sources["fineweb"], store)
     assert raw_a != raw_b  # raw is rebuilt ...
     assert cur_a != cur_b  # ... and curated too: raw's data version carries the reader spec
+
+
+def test_file_inputs_follow_file_content(tmp_path):
+    """A given tokenizer.json is an identity input: sync and the asset body hash the same digest."""
+    from assets.factory import recipe_plans
+    from assets.file_inputs import file_inputs
+    from assets.recipe import parse_recipe
+    from tests.recipes import tiny_recipe
+
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text('{"version": 1}')
+    recipe = tiny_recipe("f")
+    recipe["tokenizer"] = {"path": str(tok)}
+    plan = next(p for p in recipe_plans(parse_recipe(recipe)) if p.kind == "tokenizer")
+    first = file_inputs(plan, tmp_path)
+    assert set(first) == {"file"} and file_inputs(plan, tmp_path) == first
+    tok.write_text('{"version": 2}')
+    assert file_inputs(plan, tmp_path) != first
+    tok.unlink()
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        file_inputs(plan, tmp_path)

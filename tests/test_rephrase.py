@@ -203,7 +203,7 @@ def test_knobs_do_not_change_identity_but_sampling_and_templates_do():
 # -------------------------------------------------------- end to end (slow)
 
 
-def _workspace_recipe(name: str, base_url: str, style_file: Path) -> dict:
+def _workspace_recipe(name: str, base_url: str, style_file: Path, model_dir: Path) -> dict:
     recipe = tiny_recipe(name)
     del recipe["sources"]["commoncrawl"]
     recipe["sources"]["fineweb"]["limit"] = 80
@@ -213,6 +213,9 @@ def _workspace_recipe(name: str, base_url: str, style_file: Path) -> dict:
         "fw_llm": {"source": "fineweb", "sample": 6, "styles": [str(style_file), "qa"], "max_chunk_chars": 1500,
                    "backend": {"kind": "openai", "model": "stub-model", "base_url": base_url, "concurrency": 3,
                                "backoff_s": 0.01, "timeout_s": 10, "api_key_env": "FOUNDRY_TEST_REPHRASE_KEY"}},
+        "fw_local": {"source": "fineweb", "sample": 2, "styles": ["qa"], "max_chunk_chars": 400,  # not mixed
+                     "backend": {"kind": "transformers", "model": str(model_dir), "max_tokens": 8,
+                                 "temperature": 0, "batch_size": 8, "device": "cpu"}},
     }
     recipe["mixture"] = {"weights": {"fineweb": 0.8, "fw_qa": 0.1, "fw_llm": 0.1}, "total_tokens": 30000}
     return recipe
@@ -230,7 +233,10 @@ class Workspace:
         self.style = root / "styles" / "summary.yaml"
         self.style.parent.mkdir()
         self.write_style(1)
-        self.recipe = _workspace_recipe("rp", server.base_url, self.style)
+        from tests.support.tiny_llm import build_tiny_llama
+
+        self.model_dir = build_tiny_llama(root / "tiny-llama", max_positions=4096)
+        self.recipe = _workspace_recipe("rp", server.base_url, self.style, self.model_dir)
         self.path = self.write(self.recipe)
 
     def write_style(self, version: int, wording: str = "Summarise the passage in two sentences.") -> None:
@@ -304,6 +310,23 @@ def test_rephrased_corpora_build_and_join_the_mixture(workspace):
     docs = [json.loads(line) for line in next((workspace.store / "rephrased").glob("*/docs/00000.jsonl"))
             .read_text().splitlines()]
     assert set(docs[0]) == {"id", "source_id", "style", "text", "backend", "model", "template_version"}
+    # the local model: its folder's content hash is part of the model id
+    _, local = query(workspace.store, "select status, model, count(*) from rephrase where name = 'fw_local' "
+                                      "group by all")
+    assert len(local) == 1 and local[0][0] == "ok" and local[0][2] == 2
+    assert local[0][1].startswith("tiny-llama@") and len(local[0][1]) == len("tiny-llama@") + 12
+
+
+@pytest.mark.slow
+def test_a_changed_model_file_marks_its_corpus_stale(workspace):
+    weights = workspace.model_dir / "model.safetensors"
+    original = weights.read_bytes()
+    try:
+        weights.write_bytes(original[:-4] + bytes(4))  # other weights, same name
+        assert workspace.not_fresh() == {"rephrased_fw_local", "tokenized_fw_local", "data_stats"}
+    finally:
+        weights.write_bytes(original)
+    assert workspace.not_fresh() == set()
 
 
 @pytest.mark.slow

@@ -7,55 +7,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
-
 from dataprep.rephrase.hf_backend import TransformersBackend, model_fingerprint  # noqa: E402
 from dataprep.rephrase.types import Request, Result  # noqa: E402
-
-SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Rephrase the following passage as a question and an answer.",
-    "System: you are a helpful assistant. User: rewrite this text. Assistant:",
-    "Photosynthesis converts light energy into chemical energy in plants.",
-    "A tokenizer splits text into pieces that a language model can read.",
-] * 4
+from tests.support.tiny_llm import SENTENCES, build_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|pad|>", "<|bos|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|bos|>"
-    )
-    fast.save_pretrained(folder)
-
-    config = transformers.LlamaConfig(
-        vocab_size=len(fast),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.3,  # sharper random logits: greedy choices far from ties
-        bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(folder)
-    return folder
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _requests(n: int = 5) -> list[Request]:
