@@ -5,6 +5,7 @@
     foundry status [--recipe PATH]       fresh / stale (why) / missing, per asset
     foundry sql "QUERY" [--csv]          read-only query on the stats database
     foundry ui [--port N]                the Dagster UI on 127.0.0.1
+    foundry export OUT [--recipe PATH]   the recipe's current checkpoint as a Hugging Face model folder
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from .settings import PROJECT_ROOT, configure_offline_environment, dagster_home, store_root
+from .store import ArtifactStore
 
 DEMO_RECIPE = PROJECT_ROOT / "recipes" / "demo.yaml"
 
@@ -100,6 +102,38 @@ def cmd_sql(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     else:
         _print_table(columns, rows)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The current (latest materialized) checkpoint and tokenizer of one recipe -> a Hugging Face folder."""
+    from dagster import AssetKey
+
+    from training.export import export_hf
+
+    from . import lineage
+
+    _, loaded, instance = _load(args.recipe)
+    if len(loaded) != 1:
+        _err(f"export: name one recipe with --recipe (loaded {len(loaded)}: {', '.join(ra.recipe.name for ra in loaded)})")
+        return 2
+    name = loaded[0].recipe.name
+    store = ArtifactStore(store_root())
+    outputs = {}
+    for asset, kind in (("checkpoint", "checkpoint"), ("tokenizer", "tokenizer")):
+        rec = lineage.latest(instance, AssetKey([name, asset]))
+        manifest = store.lookup(kind, rec.store_key) if rec and rec.store_key else None
+        if manifest is None:
+            _err(f"export: {name}/{asset} has no output in {store.root}; run `foundry sync --recipe ...` first")
+            return 1
+        outputs[asset] = manifest.path
+    try:
+        out = export_hf(outputs["checkpoint"], Path(args.out), outputs["tokenizer"] / "tokenizer.json",
+                        args.dtype, args.overwrite)
+    except (FileExistsError, ValueError) as err:
+        _err(f"export: {err}")
+        return 1
+    _err(f"exported {name}/checkpoint ({outputs['checkpoint'].name}) -> {out}")
     return 0
 
 
@@ -189,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--csv", action="store_true")
     p.set_defaults(func=cmd_sql)
+    p = with_recipe(sub.add_parser("export", help="the recipe's checkpoint as a Hugging Face model folder"))
+    p.add_argument("out", help="folder to write (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
     p = with_recipe(sub.add_parser("ui", help="the Dagster UI on 127.0.0.1"))
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)

@@ -441,3 +441,26 @@ def test_killed_materialization_resumes_without_re_asking(workspace, tmp_path):
     assert len(asked_again) == len(set(asked_again)) == 16 - committed
     assert len(set(asked_again) | asked_before) == 16
     assert cached_rows() - rows_before == 16
+
+
+@pytest.mark.slow
+def test_foundry_export_feeds_the_transformers_backend(workspace, tmp_path):
+    """`foundry export` turns the trained checkpoint into a Hugging Face folder that the
+    transformers rephrasing backend (and any transformers user) loads offline."""
+    from dataprep.rephrase.hf_backend import TransformersBackend
+    from dataprep.rephrase.styles import load_style
+    from dataprep.rephrase.types import Request
+
+    env = dict(os.environ, DAGSTER_HOME=str(workspace.home), FOUNDRY_STORE=str(workspace.store))
+    out = tmp_path / "hf"
+    cmd = [sys.executable, "-m", "assets.cli", "export", str(out), "--recipe", str(workspace.path)]
+    done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    again = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "overwrite" in again.stderr
+    results = {}
+    messages = load_style("qa").messages(PASSAGE)
+    TransformersBackend(out, params={"max_tokens": 6, "temperature": 0}, device="cpu").generate(
+        [Request("k", messages, "qa", PASSAGE)], lambda i, r: results.setdefault(i, r))
+    assert results[0].status == "ok" and 0 < results[0].tokens_out <= 6

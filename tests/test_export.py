@@ -1,0 +1,75 @@
+"""Hugging Face export: transformers loads the folder offline and its logits match ours."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.checkpoint import save_checkpoint
+from training.export import export_hf
+from training.model import ModelConfig, Transformer
+
+
+def _checkpoint(tmp_path, **overrides):
+    cfg = ModelConfig(vocab_size=300, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden=96,
+                      max_seq_len=64, **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # non-trivial norms, so a mixed-up norm weight would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, model, {"step": 1})
+    return model, ckpt
+
+
+def _tokenizer(tmp_path):
+    from dataprep.tokenize import train_bpe
+
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 50 + ["a b c d e f g"] * 20, 300, 1)
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("overrides,architecture", [
+    ({}, "LlamaForCausalLM"),
+    ({"tie_embeddings": False, "rope_theta": 50000.0}, "LlamaForCausalLM"),
+    ({"nope_every": 2}, "SmolLM3ForCausalLM"),
+])
+def test_exported_logits_match(tmp_path, overrides, architecture):
+    from transformers import AutoModelForCausalLM
+
+    ours, ckpt = _checkpoint(tmp_path, **overrides)
+    out = export_hf(ckpt, tmp_path / "hf", _tokenizer(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    assert type(hf).__name__ == architecture
+    idx = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, _ = ours(idx)
+        got = hf(idx).logits
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-4, rtol=0), (got - expected).abs().max()
+
+
+def test_tokenizer_ships_with_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    _, ckpt = _checkpoint(tmp_path)
+    out = export_hf(ckpt, tmp_path / "hf", _tokenizer(tmp_path))
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok.eos_token == "<|endoftext|>"
+    assert tok.decode(tok("the quick brown fox")["input_ids"]) == "the quick brown fox"
+
+
+def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
+    _, ckpt = _checkpoint(tmp_path)
+    out = export_hf(ckpt, tmp_path / "hf")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_hf(ckpt, out)
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):  # noqa: B017 - safetensors' own error type
+        export_hf(ckpt, tmp_path / "hf2")
+    assert not (tmp_path / "hf2").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf2.")]
