@@ -19,6 +19,8 @@ def _checkpoint(tmp_path, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if name.endswith(("router.weight", "shared_expert_gate.weight")):
+                p.normal_(0.0, 1.0)  # decisive routing and gates far from 0.5, so a mix-up would show
     ckpt = tmp_path / "ckpt"
     save_checkpoint(ckpt, model, {"step": 1})
     return model, ckpt
@@ -37,7 +39,13 @@ def _tokenizer(tmp_path):
     ({}, "LlamaForCausalLM"),
     ({"tie_embeddings": False, "rope_theta": 50000.0}, "LlamaForCausalLM"),
     ({"nope_every": 2}, "SmolLM3ForCausalLM"),
+    # MoE -> Qwen2-MoE: all layers MoE, renormalised top-2, no shared expert (a width-0 one there)
+    ({"moe_experts": 4, "moe_top_k": 2, "moe_ffn_hidden": 32}, "Qwen2MoeForCausalLM"),
+    # every 2nd layer MoE (dense SwiGLU elsewhere), raw top-k probabilities, gated shared expert, untied
+    ({"moe_experts": 6, "moe_top_k": 3, "moe_every": 2, "moe_norm_topk": False, "moe_shared_expert": True,
+      "tie_embeddings": False}, "Qwen2MoeForCausalLM"),
 ])
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the width-0 shared expert
 def test_exported_logits_match(tmp_path, overrides, architecture):
     from transformers import AutoModelForCausalLM
 
@@ -73,3 +81,10 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):
         export_hf(ckpt, tmp_path / "hf2")
     assert not (tmp_path / "hf2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf2.")]
+
+
+def test_moe_with_nope_is_refused(tmp_path):
+    _, ckpt = _checkpoint(tmp_path, moe_experts=4, nope_every=2)
+    with pytest.raises(ValueError, match="MoE model with NoPE layers"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

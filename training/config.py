@@ -30,9 +30,12 @@ class TrainingConfig:
     threads: int | None = None  # torch intra-op threads; None keeps torch's default
     device: str = "cpu"
     peak_flops: float | None = None  # hardware peak FLOP/s; when given, summary.json reports MFU
+    # Micro-batches of batch_size sequences per optimizer step (gradient accumulation): a step
+    # trains on batch_size * grad_accum_steps * world_size sequences.
+    grad_accum_steps: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum_steps"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)

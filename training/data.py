@@ -13,7 +13,8 @@ separate them) which is cut into non-overlapping windows of seq_len + 1 tokens; 
 x = w[:-1] and y = w[1:]. The tail shorter than a window is dropped, so every epoch has the same
 windows, and a window is fully determined by its global index (useful for resuming and for
 sharding across ranks). Token arrays are memory-mapped; per index row only three int64 numbers
-are held in memory.
+are held in memory. `next_batch_with_sources` also gives the source id of every input token (for
+per-source statistics such as MoE expert load).
 """
 
 from __future__ import annotations
@@ -185,8 +186,13 @@ class MixtureTokenStream:
 
     def window(self, k: int) -> np.ndarray:
         """Window k (global index, wraps every epoch) as an int64 array of seq_len + 1 tokens."""
+        return self._window(k, with_sources=False)[0]
+
+    def _window(self, k: int, with_sources: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Window k's tokens and, if asked, the source id of each token (both int64 [seq_len + 1])."""
         pos = (k % self.windows_per_epoch) * self.window_len  # start position in the stream
         out = np.empty(self.window_len, dtype=np.int64)
+        sources = np.empty(self.window_len, dtype=np.int64) if with_sources else None
         # First row whose document ends after `pos`; side="right" skips empty documents.
         row = int(np.searchsorted(self._row_end_in_stream, pos, side="right"))
         filled = 0
@@ -198,13 +204,33 @@ class MixtureTokenStream:
             src = self.sources[int(self._row_source[row])]
             begin = int(self._row_start[row]) + into_doc
             out[filled : filled + take] = src.tokens[begin : begin + take]
+            if sources is not None:
+                sources[filled : filled + take] = src.id
             filled += take
             row += 1
-        return out
+        return out, sources
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, _ = self._next_batch(with_sources=False)
+        return x, y  # [B, T] each
+
+    def next_batch_with_sources(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like next_batch, plus the source id of each input token: x, y, source, all [B, T] int64.
+
+        source[b, t] is the id (sources.json "id"; names in `source_names`) of the source whose
+        document x[b, t] comes from. The stream advances exactly as next_batch does.
+        """
+        return self._next_batch(with_sources=True)
+
+    @property
+    def source_names(self) -> dict[int, str]:
+        """Source id -> name, from sources.json."""
+        return {sid: src.name for sid, src in self.sources.items()}
+
+    def _next_batch(self, with_sources: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         first = self.windows_consumed + self.rank * self.batch_size
-        windows = np.stack([self.window(first + i) for i in range(self.batch_size)])  # [B, T+1]
+        pairs = [self._window(first + i, with_sources) for i in range(self.batch_size)]
+        windows = np.stack([w for w, _ in pairs])  # [B, T+1]
         self.windows_consumed += self.batch_size * self.world_size
         if not self._warned_wrap and self.windows_consumed > self.windows_per_epoch:
             self._warned_wrap = True
@@ -217,7 +243,8 @@ class MixtureTokenStream:
                 f"{self.mixture_dir}: token id {int(windows.max())} >= model vocab_size {self.vocab_size}"
             )
         t = torch.from_numpy(windows)
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()  # x, y: [B, T]
+        source = torch.from_numpy(np.stack([s for _, s in pairs])[:, :-1].copy()) if with_sources else None  # [B, T]
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous(), source  # x, y: [B, T]
 
     def __iter__(self):
         return self

@@ -7,6 +7,15 @@ untied head), so it becomes a `LlamaForCausalLM`; a model with NoPE layers (`nop
 becomes a `SmolLM3ForCausalLM`, whose `no_rope_layers` follow the same rule. Weights are
 renamed, not changed. `intra_doc_mask` and `z_loss` only matter when training on packed
 documents, so they have nothing to export. The folder appears by atomic rename when complete.
+
+A Mixture-of-Experts model (`moe_experts`) becomes a `Qwen2MoeForCausalLM`, which routes exactly as
+`training.moe` does: softmax over all experts, top-k, optional renormalisation of the k weights
+(`norm_topk_prob`), a shared expert gated by sigmoid(Linear(C, 1)), MoE layers where
+(layer + 1) % decoder_sparse_step == 0 and dense SwiGLU layers of width intermediate_size
+elsewhere, no qkv bias. Experts are written one matrix per expert (the Hub layout, which
+transformers fuses on load). Without a shared expert, the Qwen2-MoE shared expert is given width
+0, so it adds exactly nothing. MoE with NoPE layers has no matching family and is refused. The
+auxiliary-loss settings only matter in training.
 """
 
 from __future__ import annotations
@@ -40,19 +49,52 @@ LAYER_NAMES = {
 }
 
 
+# MoE layers: Foundry name -> Qwen2-MoE name, replacing the dense mlp.* entries of LAYER_NAMES
+MOE_NAMES = {"mlp.router.weight": "mlp.gate.weight"}
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _moe_layer_state(state: dict, i: int, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The Qwen2-MoE tensors of MoE layer i."""
+    out = {f"model.layers.{i}.mlp.gate.weight": state[f"layers.{i}.mlp.router.weight"]}
+    for e in range(cfg.moe_experts):
+        for proj in EXPERT_PROJS:
+            out[f"model.layers.{i}.mlp.experts.{e}.{proj}.weight"] = state[f"layers.{i}.mlp.experts.{e}.{proj}.weight"]
+    shared = f"model.layers.{i}.mlp.shared_expert"
+    if cfg.moe_shared_expert:
+        for proj in EXPERT_PROJS:
+            out[f"{shared}.{proj}.weight"] = state[f"layers.{i}.mlp.shared_expert.{proj}.weight"]
+        out[f"{shared}_gate.weight"] = state[f"layers.{i}.mlp.shared_expert_gate.weight"]
+    else:  # a width-0 shared expert: its output is exactly zero
+        C = cfg.d_model
+        out |= {f"{shared}.gate_proj.weight": torch.zeros(0, C), f"{shared}.up_proj.weight": torch.zeros(0, C),
+                f"{shared}.down_proj.weight": torch.zeros(C, 0), f"{shared}_gate.weight": torch.zeros(1, C)}
+    return out
+
+
 def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     state = model.state_dict()
+    cfg = model.config
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    for i in range(model.config.n_layers):
+    for i in range(cfg.n_layers):
+        moe = cfg.is_moe_layer(i)
         for ours, theirs in LAYER_NAMES.items():
-            out[f"model.layers.{i}.{theirs}"] = state[f"layers.{i}.{ours}"]
+            if not (moe and ours.startswith("mlp.")):
+                out[f"model.layers.{i}.{theirs}"] = state[f"layers.{i}.{ours}"]
+        if moe:
+            out |= _moe_layer_state(state, i, cfg)
     if not model.config.tie_embeddings:
         out["lm_head.weight"] = state["lm_head.weight"]
     return {k: v.detach().to("cpu", dtype).contiguous() for k, v in out.items()}
 
 
 def hf_config(cfg: ModelConfig, eos_token_id: int | None, dtype: torch.dtype):
-    """A transformers config object for `cfg` (Llama, or SmolLM3 with NoPE layers)."""
+    """A transformers config object for `cfg` (Llama, SmolLM3 with NoPE layers, or Qwen2-MoE)."""
+    if cfg.moe_experts and cfg.nope_every:
+        raise ValueError(
+            "cannot export an MoE model with NoPE layers (nope_every): no transformers family has both "
+            "(Qwen2-MoE, the MoE family matching Foundry's routing, applies RoPE in every layer)"
+        )
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
@@ -61,6 +103,18 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None, dtype: torch.dtype):
         tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", attention_bias=False, mlp_bias=False,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=None, dtype=dtype,
     )
+    if cfg.moe_experts:
+        from transformers import Qwen2MoeConfig
+
+        config = Qwen2MoeConfig(
+            num_experts=cfg.moe_experts, num_experts_per_tok=cfg.moe_top_k, norm_topk_prob=cfg.moe_norm_topk,
+            moe_intermediate_size=cfg.expert_hidden, decoder_sparse_step=cfg.moe_every, mlp_only_layers=[],
+            shared_expert_intermediate_size=cfg.expert_hidden if cfg.moe_shared_expert else 0,
+            qkv_bias=False, use_sliding_window=False,
+            **{k: v for k, v in common.items() if k not in ("attention_bias", "mlp_bias")},
+        )
+        config.architectures = ["Qwen2MoeForCausalLM"]
+        return config
     if cfg.nope_every:
         from transformers import SmolLM3Config
 

@@ -13,6 +13,12 @@ Optional, all off by default (a config that does not set them trains exactly as 
   document. Positions restart at 0 in every document, so a document's logits are those it gets
   when run alone (up to float rounding). Attention then runs SDPA with an explicit boolean mask.
 * ``z_loss = coef``: adds ``coef * mean(logsumexp(logits)**2)`` over the scored tokens.
+* ``moe_experts = E``: Mixture-of-Experts feed-forward (`training.moe`) in every ``moe_every``-th
+  layer (1-based, as nope_every: layers N, 2N, ...; 1 = all): top-``moe_top_k`` of E SwiGLU
+  experts of width ``moe_ffn_hidden`` (default ffn_hidden), optionally a gated shared expert, and
+  two auxiliary losses averaged over the MoE layers and added to the loss: load balancing
+  (``moe_lb_coef``, over the micro-batch or the global batch: ``moe_lb_scope``) and router z-loss
+  (``moe_z_coef``). Other layers keep the dense SwiGLU of width ffn_hidden.
 * Max attention logit tracking (``Transformer.track_max_logit = True``, a runtime switch, not
   config): each attention layer records the max pre-softmax logit per query head, computed under
   no_grad, for QK-clip (`training.qk_clip`) and for logging.
@@ -30,6 +36,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from training.moe import LB_SCOPES, MoE, global_counts, load_balancing_loss
 
 KERNEL_CHOICES = ("reference", "triton")
 
@@ -57,6 +65,17 @@ class ModelConfig:
     intra_doc_mask: bool = False  # no attention across EOS boundaries (needs eos_token_id)
     eos_token_id: int | None = None  # the document separator token
     z_loss: float = 0.0  # coefficient on mean(logsumexp(logits)^2); 0 = off
+    # Mixture of Experts (training.moe); the other moe_* fields may differ from their defaults
+    # only when moe_experts > 0.
+    moe_experts: int = 0  # experts per MoE layer; 0 = dense model
+    moe_top_k: int = 2  # experts per token
+    moe_every: int = 1  # every Nth layer (1-based) is MoE; 1 = all layers
+    moe_ffn_hidden: int | None = None  # expert (and shared expert) SwiGLU width; None = ffn_hidden
+    moe_shared_expert: bool = False  # add a gated shared expert (Qwen2-MoE style)
+    moe_norm_topk: bool = True  # renormalise the top-k probabilities (= softmax over the chosen logits)
+    moe_lb_coef: float = 0.01  # load-balancing loss coefficient
+    moe_lb_scope: str = "micro_batch"  # "micro_batch" or "global_batch": where expert loads are counted
+    moe_z_coef: float = 0.001  # router z-loss coefficient
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len"):
@@ -85,6 +104,7 @@ class ModelConfig:
             raise ValueError("ModelConfig.intra_doc_mask needs eos_token_id (the document separator)")
         if not isinstance(self.z_loss, (int, float)) or isinstance(self.z_loss, bool) or not self.z_loss >= 0:
             raise ValueError(f"ModelConfig.z_loss must be a number >= 0 (0 = off), got {self.z_loss!r}")
+        self._check_moe()
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"ModelConfig.kernels must be one of {list(KERNEL_CHOICES)}, got {self.kernels!r}")
         if self.d_model % self.n_heads != 0:
@@ -100,9 +120,50 @@ class ModelConfig:
                 f"ModelConfig head_dim = d_model // n_heads = {self.head_dim} must be even for RoPE"
             )
 
+    def _check_moe(self) -> None:
+        def positive_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+        e = self.moe_experts
+        if not isinstance(e, int) or isinstance(e, bool) or e < 0:
+            raise ValueError(f"ModelConfig.moe_experts must be an integer >= 0 (0 = dense), got {e!r}")
+        if e == 0:
+            changed = [k for k, v in OPTIONAL_DEFAULTS.items() if k.startswith("moe_") and getattr(self, k) != v]
+            if changed:
+                raise ValueError(f"ModelConfig {changed} only apply with moe_experts > 0 (it is 0: a dense model)")
+            return
+        if not positive_int(self.moe_top_k) or self.moe_top_k > e:
+            raise ValueError(f"ModelConfig.moe_top_k must be an integer in [1, moe_experts={e}], got {self.moe_top_k!r}")
+        if not positive_int(self.moe_every) or self.moe_every > self.n_layers:
+            raise ValueError(
+                f"ModelConfig.moe_every must be an integer in [1, n_layers={self.n_layers}], got {self.moe_every!r}"
+            )
+        if self.moe_ffn_hidden is not None and not positive_int(self.moe_ffn_hidden):
+            raise ValueError(f"ModelConfig.moe_ffn_hidden must be a positive integer or null, got {self.moe_ffn_hidden!r}")
+        for name in ("moe_shared_expert", "moe_norm_topk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("moe_lb_coef", "moe_z_coef"):
+            if not number(getattr(self, name)):
+                raise ValueError(f"ModelConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
+        if self.moe_lb_scope not in LB_SCOPES:
+            raise ValueError(f"ModelConfig.moe_lb_scope must be one of {list(LB_SCOPES)}, got {self.moe_lb_scope!r}")
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def expert_hidden(self) -> int:
+        """SwiGLU width of each expert (and of the shared expert)."""
+        return self.moe_ffn_hidden or self.ffn_hidden
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether 0-based `layer` has the MoE feed-forward; with moe_every = N, layers N-1, 2N-1, ...."""
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
 
     def uses_rope(self, layer: int) -> bool:
         """Whether 0-based `layer` applies RoPE; with nope_every = N, layers N-1, 2N-1, ... do not."""
@@ -130,7 +191,11 @@ class ModelConfig:
         return cls(**d)
 
 
-OPTIONAL_DEFAULTS = {"kernels": "reference", "nope_every": 0, "intra_doc_mask": False, "eos_token_id": None, "z_loss": 0.0}
+OPTIONAL_DEFAULTS = {
+    "kernels": "reference", "nope_every": 0, "intra_doc_mask": False, "eos_token_id": None, "z_loss": 0.0,
+    "moe_experts": 0, "moe_top_k": 2, "moe_every": 1, "moe_ffn_hidden": None, "moe_shared_expert": False,
+    "moe_norm_topk": True, "moe_lb_coef": 0.01, "moe_lb_scope": "micro_batch", "moe_z_coef": 0.001,
+}
 
 
 def document_ids(idx: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -261,12 +326,13 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops=None):
+    def __init__(self, cfg: ModelConfig, ops=None, hidden: int | None = None):
         super().__init__()
         self.ops = ops
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
+        hidden = hidden or cfg.ffn_hidden  # F
+        self.gate_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ops is not None:
@@ -274,13 +340,20 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [B, T, F] -> [B, T, C]
 
 
+def moe_ffn(cfg: ModelConfig, ops=None) -> MoE:
+    """The MoE feed-forward of an MoE layer: routed SwiGLU experts (+ the shared expert)."""
+    shared = SwiGLU(cfg, ops, cfg.expert_hidden) if cfg.moe_shared_expert else None
+    return MoE(cfg.d_model, cfg.moe_experts, cfg.moe_top_k, lambda: SwiGLU(cfg, ops, cfg.expert_hidden),
+               shared, cfg.moe_norm_topk)
+
+
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, ops=None, use_rope: bool = True):
+    def __init__(self, cfg: ModelConfig, ops=None, use_rope: bool = True, moe: bool = False):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
         self.attn = Attention(cfg, ops, use_rope)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
-        self.mlp = SwiGLU(cfg, ops)
+        self.mlp = moe_ffn(cfg, ops) if moe else SwiGLU(cfg, ops)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
@@ -298,7 +371,9 @@ class Transformer(nn.Module):
         ops = resolve_kernel_ops(config.kernels)
         self.uses_triton_kernels = ops is not None
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config, ops, config.uses_rope(i)) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            Block(config, ops, config.uses_rope(i), config.is_moe_layer(i)) for i in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.d_model, config.norm_eps, ops)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -308,13 +383,17 @@ class Transformer(nn.Module):
         # Non-persistent: derived from the config, so they stay out of checkpoints.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # MoE: (layer index, MoE module) of each MoE layer; after a forward with targets, the
+        # auxiliary losses it added (detached): {"lb", "z", "weighted"} (see moe_aux_losses).
+        self.moe_layers = [(i, layer.mlp) for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoE)]
+        self.moe_losses: dict[str, torch.Tensor] | None = None
 
         self.apply(self._init_weights)
         # GPT-2 style: shrink projections that write into the residual stream so its variance
         # does not grow with depth.
         residual_std = 0.02 / math.sqrt(2 * config.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith(("attn.o_proj.weight", "mlp.down_proj.weight")):
+            if name.endswith(("attn.o_proj.weight", "down_proj.weight")):  # MoE experts' too
                 nn.init.normal_(p, mean=0.0, std=residual_std)
 
     @staticmethod
@@ -325,8 +404,14 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, moe_counts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits [B, T, V] and, with targets, the training loss (cross-entropy + enabled auxiliary losses).
+
+        moe_counts: [n MoE layers, E] routing counts of the whole optimizer step, for the
+        global-batch load-balancing loss over several micro-batches (`route_counts`); None = this
+        forward's own counts (summed over data-parallel ranks for the global scope).
+        """
         B, T = idx.shape
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds ModelConfig.max_seq_len ({self.config.max_seq_len})")
@@ -349,7 +434,48 @@ class Transformer(nn.Module):
             loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=-100)
             if self.config.z_loss > 0:
                 loss = loss + self.config.z_loss * z_loss_term(flat, targets.reshape(B * T))
+            if self.moe_layers:
+                aux = self.moe_aux_losses(moe_counts)
+                loss = loss + aux["weighted"]
+                self.moe_losses = {k: v.detach() for k, v in aux.items()}
+        elif moe_counts is not None:
+            raise ValueError("moe_counts only matters for the loss; pass targets too")
         return logits, loss
+
+    def moe_aux_losses(self, counts: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The MoE auxiliary losses of the last forward, each the mean over MoE layers.
+
+        "lb": load balancing, "z": router z-loss, "weighted": moe_lb_coef * lb + moe_z_coef * z
+        (what the loss adds). counts: see forward's moe_counts.
+        """
+        cfg = self.config
+        stats = [moe.stats for _, moe in self.moe_layers]
+        if counts is None:
+            counts = torch.stack([s.counts for s in stats])  # [L_moe, E]
+            if cfg.moe_lb_scope == "global_batch":
+                counts = global_counts(counts)  # over data-parallel ranks (a no-op on one process)
+        elif cfg.moe_lb_scope != "global_batch":
+            raise ValueError("moe_counts is for moe_lb_scope='global_batch'; this model balances per micro-batch")
+        lb = torch.stack([load_balancing_loss(s.prob_mean, c) for s, c in zip(stats, counts, strict=True)]).mean()
+        z = torch.stack([s.z for s in stats]).mean()
+        return {"lb": lb, "z": z, "weighted": cfg.moe_lb_coef * lb + cfg.moe_z_coef * z}
+
+    @torch.no_grad()
+    def route_counts(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """[L_moe, E] routing counts over all `micro_batches` (inputs [B, T]) and data-parallel ranks.
+
+        A forward of each under no_grad, only to count where its tokens go: the global-batch
+        load-balancing loss needs the whole step's counts before any micro-batch forms its loss.
+        """
+        total = torch.zeros(len(self.moe_layers), self.config.moe_experts, device=self.embed.weight.device)
+        for idx in micro_batches:
+            self(idx)
+            total += torch.stack([moe.stats.counts for _, moe in self.moe_layers])
+        return global_counts(total)
+
+    def expert_choices(self) -> list[torch.Tensor]:
+        """Per MoE layer, the [B*T, k] experts each token of the last forward was routed to."""
+        return [moe.stats.top_idx for _, moe in self.moe_layers]
 
     @property
     def track_max_logit(self) -> bool:
@@ -368,13 +494,18 @@ class Transformer(nn.Module):
             return None
         return [float(v.max()) for v in values]
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
+    def num_params(self, exclude_embeddings: bool = False, active: bool = False) -> int:
+        """Parameter count; active=True counts what one token uses (top_k of each MoE layer's experts)."""
         # parameters() yields a tied tensor once, so tied embeddings are not double counted.
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.embed.weight.numel()
             if not self.config.tie_embeddings:
                 n -= self.lm_head.weight.numel()
+        if active:
+            for _, moe in self.moe_layers:
+                per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+                n -= (moe.n_experts - moe.top_k) * per_expert
         return n
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -382,10 +513,11 @@ class Transformer(nn.Module):
 
         6 * (matmul params) for the weight matmuls, plus 12 * L * C * T for attention scores and
         the weighted sum of values (query heads set the cost; GQA only shrinks k/v projections).
-        The embedding lookup is free but the output head is a real matmul, so it is counted.
+        The embedding lookup is free but the output head is a real matmul, so it is counted. With
+        MoE only the active parameters count (router, shared expert and top_k experts per token).
         """
         cfg = self.config
-        n_matmul = self.num_params(exclude_embeddings=True) + cfg.vocab_size * cfg.d_model
+        n_matmul = self.num_params(exclude_embeddings=True, active=True) + cfg.vocab_size * cfg.d_model
         return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 

@@ -4,15 +4,17 @@ One `torch.optim.Optimizer` holds both kinds of parameter group (``use_muon`` Tr
 run has a single optimizer state to checkpoint and a single `step()`:
 
 * Muon groups — the 2-D weight matrices inside the transformer blocks (attention q/k/v/o, the
-  SwiGLU projections). Per step: ``buf = mu * buf + (1 - mu) * g``; the update direction is
-  ``g + mu * (buf - g)`` with Nesterov, else ``buf``; it is replaced by the nearest
+  SwiGLU projections, and each MoE expert's projections, orthogonalised expert by expert). Per
+  step: ``buf = mu * buf + (1 - mu) * g``; the update direction is ``g + mu * (buf - g)`` with
+  Nesterov, else ``buf``; it is replaced by the nearest
   semi-orthogonal matrix (Newton–Schulz, `newton_schulz`), scaled to AdamW's typical update RMS
   (``0.2 * sqrt(max(rows, cols))``, as in Moonlight, Liu et al. 2025, so the same lr suits both
   kinds of group) and applied with decoupled weight decay: ``p -= lr * (wd * p + scale * O)``.
-* AdamW groups — embeddings, the output head (tied or not), norms, any 1-D parameter and any
-  router: parameters whose rows are looked up or that are vectors, for which orthogonalising makes
-  no sense. Plain AdamW with bias correction; weight decay only on an untied head, matching
-  `training.optim.param_groups`.
+* AdamW groups — embeddings, the output head (tied or not), norms, any 1-D parameter, a MoE
+  router (E x C) and a shared expert's gate (1 x C): parameters whose rows are looked up, scored
+  or that are vectors, for which orthogonalising makes no sense. Plain AdamW with bias correction;
+  weight decay on the 2-D ones (an untied head, routers, gates), matching
+  `training.optim.param_groups`, none on embeddings, a tied head, norms and vectors.
 
 Newton–Schulz runs in bfloat16 on CUDA (fast, and the iteration tolerates it) and in float32
 elsewhere (CPU bf16 matmuls are slow and gain nothing).
@@ -31,9 +33,9 @@ import torch.nn as nn
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 MUON_DEFAULTS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5}
-# Parameters whose name contains one of these always go to AdamW (a MoE router is 2-D but tiny
-# and its rows are scores, not a hidden linear map).
-ADAMW_NAME_PARTS = ("router",)
+# Parameters whose name contains one of these always go to AdamW (a MoE router and the shared
+# expert's gate are 2-D but tiny, and their rows are scores, not a hidden linear map).
+ADAMW_NAME_PARTS = ("router", "shared_expert_gate")
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
