@@ -12,7 +12,7 @@ from dagster import AssetSelection, AutomationCondition, AutomationConditionSens
 
 from .recipe import AutomationSpec
 
-DATA_KINDS = {"raw", "curated", "tokenizer", "tokenized", "mixture", "data_stats"}
+DATA_KINDS = {"raw", "curated", "ocr_queue", "tokenizer", "tokenized", "mixture", "contamination", "data_stats"}
 
 
 def data_condition() -> AutomationCondition:

@@ -148,7 +148,21 @@ def rephrased_checks(spec: RephraseSpec) -> list[Check]:
     ]
 
 
+def _contaminated_share_at_most(ceiling: float) -> Callable[[Manifest], tuple[bool, str]]:
+    def evaluate(m: Manifest) -> tuple[bool, str]:
+        items, flagged = m.counts.get("items", 0), m.counts.get("contaminated", 0)
+        share = flagged / items if items else 0.0
+        return share <= ceiling, f"{flagged:,} of {items:,} eval items share an n-gram with training data ({share:.3f})"
+
+    return evaluate
+
+
 def checks_for(plan: AssetPlan) -> list[Check]:
+    if plan.kind == "contamination":
+        spec = plan.context["contamination"]
+        return [Check("contaminated_share", "contamination", spec.blocking,
+                      f"At most {spec.max_share:g} of eval items overlap the training corpora.",
+                      _contaminated_share_at_most(spec.max_share))]
     if plan.kind == "curated":
         return curated_checks(plan.context["source"].curation)
     if plan.kind == "rephrased":

@@ -17,11 +17,13 @@ from dagster import (
 )
 
 from . import automation, checks
+from .contamination import build_contamination, contamination_spec, describe_contamination
 from .curation import build_curated, build_filtered, curated_spec, describe_curated, describe_filtered, filtered_spec
 from .engine import Builder, Describer, materialize
 from .evaluation import build_eval_report, describe_eval_report
 from .file_inputs import file_inputs
 from .mixture import build_mixture_asset, describe_mixture
+from .ocr_queue import build_ocr_queue, describe_ocr_queue, ocr_queue_spec
 from .plan import AssetPlan
 from .recipe import Recipe, source_files
 from .rephrase import build_rephrased, describe_rephrased, rephrase_spec
@@ -62,6 +64,11 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
                                f"'{s}' gathered from its file partitions and MinHash-deduplicated; "
                                "one decision row per input document.",
                                {"source": src, "filtered_plan": filtered}, after=(filtered.key,)))
+        if src.kind == "pdf":
+            plans.append(AssetPlan(r, f"ocr_queue_{s}", "ocr_queue", ocr_queue_spec(src),
+                                   {"curated": key(f"curated_{s}"), "raw": key(f"raw_{s}")},
+                                   f"Documents of '{s}' whose text layer needs OCR, highest ocr_score first "
+                                   "(listed for an OCR backend; none runs by default).", {"source": src, "name": s}))
     tok = recipe.tokenizer
     if tok.path is None:
         tok_inputs = {s: key(f"raw_{s}") for s in recipe.sources}
@@ -93,8 +100,13 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
     plans.append(AssetPlan(r, "eval_report", "eval_report", recipe.evals.model_dump(mode="json"),
                            {"checkpoint": key("checkpoint"), "tokenizer": key("tokenizer")},
                            "lighteval tasks and held-out loss of the checkpoint.", {"evals": recipe.evals}))
-    stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "rephrased", "tokenized", "mixture",
-                                                              "checkpoint", "eval_report")}
+    if recipe.contamination is not None:
+        corpora = {s: key(f"curated_{s}" if s in recipe.sources else f"rephrased_{s}") for s in recipe.mixed_sources()}
+        plans.append(AssetPlan(r, "contamination", "contamination", contamination_spec(recipe), corpora,
+                               f"Eval items sharing a word {recipe.contamination.ngram}-gram with the mixed corpora.",
+                               {"evals": recipe.evals, "contamination": recipe.contamination}))
+    stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "ocr_queue", "rephrased", "tokenized",
+                                                              "mixture", "checkpoint", "eval_report", "contamination")}
     plans.append(AssetPlan(r, "data_stats", "data_stats", {}, stat_inputs,
                            "DuckDB views over this recipe's statistics (`foundry sql`)."))
     return plans
@@ -103,6 +115,8 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
 BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "curated": (build_curated, describe_curated),
     "rephrased": (build_rephrased, describe_rephrased),
+    "ocr_queue": (build_ocr_queue, describe_ocr_queue),
+    "contamination": (build_contamination, describe_contamination),
     "tokenizer": (build_tokenizer, describe_tokenizer),
     "tokenized": (build_tokenized, describe_tokenized),
     "mixture": (build_mixture_asset, describe_mixture),
@@ -112,7 +126,8 @@ BUILDERS: dict[str, tuple[Builder, Describer]] = {
 }
 KINDS = {
     "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "rephrased": {"llm"},
-    "tokenizer": {"tokenizers"}, "tokenized": {"numpy"}, "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"},
+    "ocr_queue": {"parquet"},
+    "tokenizer": {"tokenizers"}, "tokenized": {"numpy"}, "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"}, "contamination": {"duckdb"},
 }
 
 

@@ -24,13 +24,15 @@ LOGIC_VERSIONS: dict[str, str] = {
     "raw": "raw-1",
     "filtered": "filtered-2",  # one file through the filters; 2: nested metadata (url), no Trafilatura dedup
     "curated": "curated-2",  # 2: gathers per-file partitions, MinHash dedup, url/cluster columns
+    "ocr_queue": "ocr_queue-1",
     "rephrased": "rephrased-1",
+    "contamination": "contamination-1",
     "tokenizer": "tokenizer-2",  # 2: WARC samples extracted without Trafilatura's cross-page dedup
     "tokenized": "tokenized-1",
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",
     "eval_report": "eval-2",  # 2: form column, per-item details.parquet
-    "data_stats": "stats-4",  # 2: eval_items; 3: file, url, domain, cluster columns in curation; 4: rephrase
+    "data_stats": "stats-4",  # 2: eval_items; 3: curation url/cluster columns; 4: rephrase, contamination, ocr_queue, expert_load
 }
 
 

@@ -7,6 +7,7 @@ output are hashed (see `identity.py`); paths and execution knobs are not part of
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -15,6 +16,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dataprep.pdf import DEFAULT_MAX_PAGES, DEFAULT_TIME_LIMIT_S, OCR_THRESHOLD
 
 from .settings import expand_vars, resolve_data_path
 
@@ -153,9 +156,22 @@ class CurationChecksSpec(Strict):
     language_share: LanguageShareCheck | None = LanguageShareCheck()  # only where the language step runs
 
 
+class PdfExtractionSpec(Strict):
+    """How a kind pdf source reads each file (dataprep.pdf). Each setting changes which documents come
+    out, so all are hashed (the time limit too: it decides which files end as `timeout`)."""
+
+    time_limit_s: float = Field(DEFAULT_TIME_LIMIT_S, gt=0, description="seconds per file; a file still "
+                                "extracting then is dropped as `timeout` (its worker process is killed)")
+    max_pages: int = Field(DEFAULT_MAX_PAGES, ge=1, description="longer documents are dropped whole as "
+                           "`too_many_pages` (never cut to the first pages)")
+    ocr_threshold: float = Field(OCR_THRESHOLD, gt=0, le=1, description="a document whose ocr_score is at least "
+                                 "this is dropped as `needs_ocr` and listed in ocr_queue_<source>")
+
+
 # Steps added after the first recipes were hashed: off by default, and left out of the hashed
-# spec while off, so recipes that do not use them keep their identity.
-OPTIONAL_CURATION_STEPS = ("url_filter", "language", "pii")
+# spec while off, so recipes that do not use them keep their identity. (`pdf` is set for kind
+# pdf sources only.)
+OPTIONAL_CURATION_STEPS = ("url_filter", "language", "pii", "pdf")
 
 
 class CurationSpec(Strict):
@@ -174,6 +190,7 @@ class CurationSpec(Strict):
     fineweb_quality: FineWebQualitySpec | None = FineWebQualitySpec()
     pii: PIISpec | None = None
     minhash: MinhashSpec | None = MinhashSpec()
+    pdf: PdfExtractionSpec | None = Field(None, description="kind pdf only: extraction settings (set by default)")
     checks: CurationChecksSpec = CurationChecksSpec()
 
     def filter_spec(self) -> dict[str, Any]:
@@ -192,6 +209,44 @@ class CurationSpec(Strict):
 
 def _unset(value: Any) -> bool:
     return value is None
+
+
+# Curation defaults of kind pdf: what a pdf source's `curation` leaves unset comes from here instead of
+# the web defaults above (a step given as a mapping is merged key by key; null turns a step off; {}
+# restores the web defaults of a step that is off here). Measured on the 53 sample PDFs with a text
+# layer (README, "PDF sources"): the web chain keeps 3, this one 23; the 30 it drops are blind text,
+# a few words, tables, pages dense with formulas, and non-English documents (Gopher's rules are English).
+# - A PDF line is a visual line, not a paragraph: running headers and footers, page numbers, table
+#   rows and reference lines repeat by design. Gopher's duplicate-line *count* is off; the share of
+#   characters in duplicated lines (0.2) still drops blind text; each duplicated n-gram threshold is
+#   0.10 higher, the room a running header takes on a page.
+# - Long documents are normal (max_pages bounds them): no maximum word count. datatrove counts
+#   punctuation as words, and citations, numbers and formulas are frequent: a word share with letters
+#   of 0.7 instead of 0.8 keeps papers and reports (0.72-0.81) and still drops most tables (0.17-0.60).
+# - c4_quality keeps only lines that end a sentence, so on wrapped PDF lines it deletes ~89% of the
+#   text of the documents it passes (and invalidates page_offsets); fineweb_quality's rules (line-end
+#   punctuation, short lines, duplicated lines, newline share) likewise assume web paragraphs. Both off.
+PDF_CURATION: dict[str, Any] = {
+    "gopher_repetition": {"dup_line_frac": None,
+                          "dup_n_grams": {5: 0.25, 6: 0.24, 7: 0.23, 8: 0.22, 9: 0.21, 10: 0.20}},
+    "gopher_quality": {"max_doc_words": None, "max_non_alpha_words_ratio": 0.7},
+    "c4_quality": None,
+    "fineweb_quality": None,
+    "pdf": {},
+}
+
+
+def pdf_curation(given: Any) -> Any:
+    """A pdf source's curation: PDF_CURATION with what the recipe gives on top (see there)."""
+    if isinstance(given, CurationSpec):
+        given = given.model_dump(exclude_unset=True)  # what was given explicitly, nested too
+    if not isinstance(given, dict):
+        return given  # not a mapping: validation says what is wrong
+    merged = copy.deepcopy(PDF_CURATION)
+    for step, value in given.items():
+        base = merged.get(step)
+        merged[step] = {**base, **value} if isinstance(value, dict) and isinstance(base, dict) else value
+    return merged
 
 
 class SourceSpec(Strict):
@@ -218,7 +273,17 @@ class SourceSpec(Strict):
     id_key: str = "id"
     limit: int | None = Field(None, gt=0, description="read at most this many documents from each file")
     shards: int = Field(2, ge=1, le=1024, description="output shards; workers never exceed it")
-    curation: CurationSpec = CurationSpec()
+    curation: CurationSpec = Field(CurationSpec(), description="kind pdf: unset steps take PDF_CURATION's values")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pdf_defaults(cls, data: Any) -> Any:
+        """kind pdf: PDF curation defaults, and one shard (a file is one document: a second shard
+        would only extract the file again to find it empty)."""
+        if isinstance(data, dict) and data.get("kind") == "pdf":
+            data = {**data, "curation": pdf_curation(data.get("curation", {}))}
+            data.setdefault("shards", 1)
+        return data
 
     @field_validator("name")
     @classmethod
@@ -235,6 +300,8 @@ class SourceSpec(Strict):
         for field in ("name", "revision"):
             if getattr(self, field) is not None and self.kind != "hf":
                 raise ValueError(f"'{field}' applies only to kind hf (this source is {self.kind})")
+        if self.curation.pdf is not None and self.kind != "pdf":
+            raise ValueError(f"'curation.pdf' applies only to kind pdf (this source is {self.kind})")
         return self
 
 
@@ -412,6 +479,18 @@ class ModelSpec(Strict):
     nope_every: int = Field(0, ge=0)  # every Nth layer skips RoPE (SmolLM3 uses 4); 0 = off
     intra_doc_mask: bool = False  # packed documents do not attend across their EOS boundary
     z_loss: float = Field(0.0, ge=0)  # coefficient on mean(logsumexp(logits)^2); 0 = off
+    # Mixture of experts (training/moe.py): 0 experts = dense. Every moe_every-th layer is MoE.
+    moe_experts: int = Field(0, ge=0, le=256, description="routed experts per MoE layer; 0 = a dense model")
+    moe_top_k: int = Field(2, ge=1, description="experts each token is sent to")
+    moe_every: int = Field(1, ge=1, description="layer i is MoE when (i + 1) % moe_every == 0")
+    moe_ffn_hidden: int | None = Field(None, gt=0, description="expert SwiGLU width (default ffn_hidden)")
+    moe_shared_expert: bool = Field(False, description="a gated SwiGLU every token also goes through")
+    moe_norm_topk: bool = Field(True, description="renormalise the top-k router probabilities to sum to 1")
+    moe_lb_coef: float = Field(0.01, ge=0, description="load-balancing loss coefficient")
+    moe_lb_scope: Literal["micro_batch", "global_batch"] = Field(
+        "micro_batch", description="global_batch: expert frequencies pooled over accumulation steps and ranks "
+        "before the loss, which lets experts specialise by domain")
+    moe_z_coef: float = Field(0.001, ge=0, description="router z-loss coefficient")
 
     def hashed(self) -> dict[str, Any]:
         """The spec as hashed: optional fields at their defaults are left out (see above)."""
@@ -429,10 +508,20 @@ class ModelSpec(Strict):
             )
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dimension d_model / n_heads must be even for RoPE")
+        moe_set = [k for k in MODEL_OPTIONAL_DEFAULTS if k.startswith("moe_") and k != "moe_experts"
+                   and getattr(self, k) != MODEL_OPTIONAL_DEFAULTS[k]]
+        if self.moe_experts == 0 and moe_set:
+            raise ValueError(f"{moe_set} apply only to MoE models: set moe_experts")
+        if self.moe_experts and self.moe_top_k > self.moe_experts:
+            raise ValueError(f"moe_top_k ({self.moe_top_k}) must be at most moe_experts ({self.moe_experts})")
         return self
 
 
-MODEL_OPTIONAL_DEFAULTS = {"nope_every": 0, "intra_doc_mask": False, "z_loss": 0.0}
+MODEL_OPTIONAL_DEFAULTS = {
+    "nope_every": 0, "intra_doc_mask": False, "z_loss": 0.0,
+    "moe_experts": 0, "moe_top_k": 2, "moe_every": 1, "moe_ffn_hidden": None, "moe_shared_expert": False,
+    "moe_norm_topk": True, "moe_lb_coef": 0.01, "moe_lb_scope": "micro_batch", "moe_z_coef": 0.001,
+}
 
 
 def _dump_without_defaults(spec: BaseModel, optional: dict[str, Any]) -> dict[str, Any]:
@@ -494,6 +583,11 @@ class TrainingSpec(Strict):
     grad_clip: float = Field(1.0, gt=0)
     seed: int = 0
     log_every: int = Field(10, gt=0)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
+
+    def hashed(self) -> dict[str, Any]:
+        """grad_accum_steps was added later: left out at 1, so older recipes keep their identity."""
+        return _dump_without_defaults(self, {"grad_accum_steps": 1})
 
 
 class EvalSpec(Strict):
@@ -518,6 +612,14 @@ class EvalSpec(Strict):
         return tasks
 
 
+class ContaminationSpec(Strict):
+    """Eval items sharing a word n-gram with the training corpora are flagged (never hidden)."""
+
+    ngram: int = Field(13, ge=5, le=50, description="n of the word n-grams compared (13: GPT-3, Llama)")
+    max_share: float = Field(0.05, ge=0, le=1, description="check: share of flagged eval items at most this")
+    blocking: bool = False
+
+
 class AutomationSpec(Strict):
     """Who triggers training and evaluation; never part of any hash."""
 
@@ -540,6 +642,9 @@ class Recipe(Strict):
     evals: EvalSpec = EvalSpec()
     rephrase: dict[str, RephraseSpec] = Field(
         default_factory=dict, description="rephrased corpora by name; each is a source for the mixture"
+    )
+    contamination: ContaminationSpec | None = Field(
+        ContaminationSpec(), description="eval items vs training corpora n-gram overlap; null turns the check off"
     )
     automation: AutomationSpec = AutomationSpec()
 

@@ -33,12 +33,24 @@ TABLES: dict[str, dict[str, Any]] = {
                     "language_score": "DOUBLE", "file": "VARCHAR", "url": "VARCHAR", "domain": "VARCHAR",
                     "cluster_id": "BIGINT", "cluster_size": "BIGINT"},
     },
+    "ocr_queue": {
+        "kind": "ocr_queue", "file": "ocr_queue.parquet",
+        "columns": {"source": "VARCHAR", "doc_id": "VARCHAR", "file": "VARCHAR", "pages": "BIGINT",
+                    "ocr_score": "DOUBLE", "reason": "VARCHAR", "chars": "BIGINT", "producer": "VARCHAR",
+                    "chars_per_page": "DOUBLE", "image_only_share": "DOUBLE", "scanned_share": "DOUBLE",
+                    "garbled_share": "DOUBLE", "bad_word_share": "DOUBLE", "vowel_share": "DOUBLE"},
+    },
     "rephrase": {
         "kind": "rephrased", "file": "rephrase.parquet",
         "columns": {"name": "VARCHAR", "source": "VARCHAR", "source_id": "VARCHAR", "style": "VARCHAR",
                     "status": "VARCHAR", "reason": "VARCHAR", "chunks": "BIGINT", "tokens_in": "BIGINT",
                     "tokens_out": "BIGINT", "latency_s": "DOUBLE", "attempts": "BIGINT", "cached_chunks": "BIGINT",
                     "backend": "VARCHAR", "model": "VARCHAR"},
+    },
+    "contamination": {
+        "kind": "contamination", "file": "contamination.parquet",
+        "columns": {"task": "VARCHAR", "item": "BIGINT", "ngrams": "BIGINT", "matched": "BIGINT",
+                    "contaminated": "BOOLEAN", "corpus": "VARCHAR"},
     },
     "tokens": {
         "kind": "tokenized", "file": "stats.parquet", "columns": {"documents": "BIGINT", "tokens": "BIGINT"},
@@ -52,7 +64,12 @@ TABLES: dict[str, dict[str, Any]] = {
     "train_metrics": {
         "kind": "checkpoint", "file": "metrics.parquet",
         "columns": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE", "grad_norm": "DOUBLE",
-                    "tokens_per_s": "DOUBLE", "max_attn_logit": "DOUBLE"},
+                    "tokens_per_s": "DOUBLE", "max_attn_logit": "DOUBLE", "moe_lb_loss": "DOUBLE",
+                    "moe_z_loss": "DOUBLE"},
+    },
+    "expert_load": {  # MoE checkpoints only: tokens routed per (layer, expert, source) per logging window
+        "kind": "checkpoint", "file": "expert_load.parquet",
+        "columns": {"step": "BIGINT", "layer": "BIGINT", "expert": "BIGINT", "source": "VARCHAR", "tokens": "BIGINT"},
     },
     "evals": {
         "kind": "eval_report", "file": "evals.parquet",
@@ -69,8 +86,10 @@ TABLES: dict[str, dict[str, Any]] = {
 KIND_TO_TABLES: dict[str, list[str]] = {}
 for _name, _spec in TABLES.items():
     KIND_TO_TABLES.setdefault(_spec["kind"], []).append(_name)
-# tables whose rows carry no per-source column added here (mixture and rephrase bring their own)
-NO_SOURCE_TABLES = ("mixture", "rephrase", "train_metrics", "evals", "eval_items")
+# tables whose rows carry no per-source column added here (mixture, rephrase and ocr_queue bring
+# their own)
+NO_SOURCE_TABLES = ("ocr_queue", "mixture", "rephrase", "contamination", "train_metrics", "expert_load", "evals",
+                    "eval_items")
 
 
 def build_data_stats(ctx: BuildContext) -> dict[str, Any]:

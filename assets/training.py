@@ -27,7 +27,7 @@ def training_spec(recipe) -> dict[str, Any]:
         # hashed(): fields added later are left out while unused, so old recipes keep their key
         "model": recipe.model.hashed(),
         "optimizer": recipe.optimizer.hashed(),
-        "training": recipe.training.model_dump(mode="json"),
+        "training": recipe.training.hashed(),
     }
 
 
@@ -35,7 +35,8 @@ def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = No
     recipe = ctx.plan.context["recipe"]
     m, t = recipe.model, recipe.training
     # Optional model features only when used, so RUN.json and config.json look as before otherwise.
-    optional = {k: v for k, v in m.hashed().items() if k in ("nope_every", "intra_doc_mask", "z_loss")}
+    optional = {k: v for k, v in m.hashed().items()
+                if k in ("nope_every", "intra_doc_mask", "z_loss") or k.startswith("moe_")}
     if m.intra_doc_mask:
         if eos_token_id is None:
             raise ValueError("model.intra_doc_mask needs the tokenizer's EOS token id")
@@ -50,7 +51,8 @@ def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = No
         "training": {
             "steps": t.steps, "batch_size": t.batch_size, "seq_len": m.seq_len, "warmup_steps": t.warmup_steps,
             "schedule": t.schedule, "grad_clip": t.grad_clip, "seed": t.seed, "log_every": t.log_every,
-            "threads": ctx.foundry.train_threads,
+            "threads": ctx.foundry.train_threads, **({"grad_accum_steps": t.grad_accum_steps}
+                                                     if t.grad_accum_steps != 1 else {}),
         },
         "data": {"mixture_dir": str(ctx.upstream["mixture"].dir)},
         "out_dir": str(ctx.out_dir),
@@ -85,14 +87,15 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     if not (ctx.out_dir / "summary.json").is_file():
         raise RuntimeError(f"{ctx.plan.label}: training finished without writing summary.json")
     summary = json.loads((ctx.out_dir / "summary.json").read_text()) | {k: v for k, v in summary.items() if k != "event"}
-    return {k: summary[k] for k in ("final_loss", "steps", "tokens", "seconds", "params") if k in summary} | {
+    keep = ("final_loss", "steps", "tokens", "seconds", "params", "active_params")
+    return {k: summary[k] for k in keep if k in summary} | {
         "vocab_size": vocab_size
     }
 
 
 def describe_checkpoint(manifest: Manifest) -> dict[str, Any]:
     c = manifest.counts
-    meta: dict[str, Any] = {k: c[k] for k in ("final_loss", "steps", "tokens", "params") if k in c}
+    meta: dict[str, Any] = {k: c[k] for k in ("final_loss", "steps", "tokens", "params", "active_params") if k in c}
     metrics = manifest.path / "metrics.parquet"
     if metrics.is_file():
         table = pq.read_table(metrics, columns=["step", "loss"]).to_pylist()

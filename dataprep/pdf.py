@@ -34,8 +34,12 @@ the same kinds of evidence, each in [0, 1]: pages that are images with (almost) 
 are scans carrying an old OCR layer, characters that are not text (replacement, private-use,
 control), Latin-script words with case flips or digits inside (rare in real text), and Latin text
 with too few vowels (a shifted or wrongly mapped font, like olmOCR's Caesar-shifted arXiv pages).
-needs_ocr = ocr_score >= 0.5. A scan that carries an earlier OCR layer scores 0.6 on that alone:
-such layers are often poor (olmocr/gnarly's newspaper, horribleocr), so it is sent to OCR again.
+needs_ocr = ocr_score >= `ocr_threshold` (0.5 by default). A scan that carries an earlier OCR layer
+scores 0.6 on that alone: such layers are often poor (olmocr/gnarly's newspaper, horribleocr), so it
+is sent to OCR again.
+
+Knobs (recipe `curation.pdf` of a kind pdf source; all three change what comes out, so all are
+hashed): `time_limit_s` per file, `max_pages`, `ocr_threshold`.
 """
 
 from __future__ import annotations
@@ -164,7 +168,7 @@ def _sample(text: str, limit: int = TEXT_SAMPLE_CHARS, pieces: int = 8) -> str:
     return " ".join(text[i * step:i * step + size] for i in range(pieces))
 
 
-def route_ocr(text: str, pages: list[PageStats]) -> tuple[bool, float, OcrFigures]:
+def route_ocr(text: str, pages: list[PageStats], threshold: float = OCR_THRESHOLD) -> tuple[bool, float, OcrFigures]:
     """(needs_ocr, ocr_score in [0, 1], figures) for a document's text and per-page stats."""
     n = max(len(pages), 1)
     nonspace = sum(p.chars for p in pages)
@@ -191,7 +195,7 @@ def route_ocr(text: str, pages: list[PageStats]) -> tuple[bool, float, OcrFigure
     for e in evidence:
         keep *= 1.0 - e
     score = 1.0 - keep
-    return score >= OCR_THRESHOLD, score, fig
+    return score >= threshold, score, fig
 
 
 # --------------------------------------------------------------------- extraction (in this process)
@@ -245,7 +249,8 @@ def _page_stats(page, pdfium_c) -> tuple[float, float]:
     return sum(covers), max(covers, default=0.0)
 
 
-def extract_in_process(path: str | os.PathLike, max_pages: int = DEFAULT_MAX_PAGES) -> PdfResult:
+def extract_in_process(path: str | os.PathLike, max_pages: int = DEFAULT_MAX_PAGES,
+                       ocr_threshold: float = OCR_THRESHOLD) -> PdfResult:
     """Extract one PDF here, with no time limit. Never raises (errors become drop reasons).
 
     Use `extract_pdf` or `PdfExtractor` in pipelines: they run this in a child process.
@@ -253,7 +258,7 @@ def extract_in_process(path: str | os.PathLike, max_pages: int = DEFAULT_MAX_PAG
     t0 = time.perf_counter()
     result = PdfResult(path=str(path))
     try:
-        _extract_into(result, Path(path), max_pages)
+        _extract_into(result, Path(path), max_pages, ocr_threshold)
     except Exception as err:  # noqa: BLE001 - whatever PDFium or our code raises, the file is unusable
         result.drop, result.error = "malformed", _describe(err)
         result.text, result.page_offsets, result.needs_ocr, result.ocr_score = "", [], False, 0.0
@@ -261,7 +266,7 @@ def extract_in_process(path: str | os.PathLike, max_pages: int = DEFAULT_MAX_PAG
     return result
 
 
-def _extract_into(result: PdfResult, path: Path, max_pages: int) -> None:
+def _extract_into(result: PdfResult, path: Path, max_pages: int, ocr_threshold: float) -> None:
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -308,7 +313,7 @@ def _extract_into(result: PdfResult, path: Path, max_pages: int) -> None:
         elif result.pages > max_pages:
             result.drop, result.error = "too_many_pages", f"{result.pages} pages (max_pages={max_pages})"
         if result.drop is None:
-            _read_pages(result, doc, pdfium_c)
+            _read_pages(result, doc, pdfium_c, ocr_threshold)
     finally:
         doc.close()
 
@@ -320,7 +325,7 @@ def _producer(doc) -> str | None:
         return None
 
 
-def _read_pages(result: PdfResult, doc, pdfium_c) -> None:
+def _read_pages(result: PdfResult, doc, pdfium_c, ocr_threshold: float) -> None:
     texts: list[str] = []
     stats: list[PageStats] = []
     for i in range(result.pages):
@@ -341,7 +346,7 @@ def _read_pages(result: PdfResult, doc, pdfium_c) -> None:
         offsets.append(pos)
         pos += len(text) + len(PAGE_SEPARATOR)
     result.text, result.page_offsets = PAGE_SEPARATOR.join(texts), offsets
-    result.needs_ocr, result.ocr_score, result.figures = route_ocr(result.text, stats)
+    result.needs_ocr, result.ocr_score, result.figures = route_ocr(result.text, stats, ocr_threshold)
     if not any(s.chars for s in stats):
         result.drop, result.text, result.page_offsets = "no_text_layer", "", []
         has_images = any(s.image_cover > 0 for s in stats)
@@ -382,7 +387,8 @@ def serve() -> None:
         if header is None:
             return
         request = pickle.loads(_read_exact(inp, struct.unpack("<Q", header)[0]) or b"")
-        result = extract_in_process(request["path"], max_pages=request["max_pages"])
+        result = extract_in_process(request["path"], max_pages=request["max_pages"],
+                                    ocr_threshold=request["ocr_threshold"])
         _write_frame(out, asdict(result))
 
 
@@ -420,9 +426,11 @@ class PdfExtractor:
                 result = ex.extract(path)
     """
 
-    def __init__(self, time_limit_s: float = DEFAULT_TIME_LIMIT_S, max_pages: int = DEFAULT_MAX_PAGES):
+    def __init__(self, time_limit_s: float = DEFAULT_TIME_LIMIT_S, max_pages: int = DEFAULT_MAX_PAGES,
+                 ocr_threshold: float = OCR_THRESHOLD):
         self.time_limit_s = time_limit_s
         self.max_pages = max_pages
+        self.ocr_threshold = ocr_threshold
         self.starts = 0  # child processes started (1 + restarts after kills and crashes)
         self._proc: subprocess.Popen | None = None
         self._owner = os.getpid()  # a forked copy of this object must not talk to its parent's child
@@ -470,12 +478,13 @@ class PdfExtractor:
         proc.stdout.close()
 
     def extract(self, path: str | os.PathLike, time_limit_s: float | None = None,
-                max_pages: int | None = None) -> PdfResult:
+                max_pages: int | None = None, ocr_threshold: float | None = None) -> PdfResult:
         """One PDF's result; waits at most the time limit (plus the child's start-up, if any)."""
         limit = self.time_limit_s if time_limit_s is None else time_limit_s
         if self._owner != os.getpid():  # inherited through fork: that child is the parent's
             self._proc = None
-        request = {"path": str(Path(path).resolve()), "max_pages": self.max_pages if max_pages is None else max_pages}
+        request = {"path": str(Path(path).resolve()), "max_pages": self.max_pages if max_pages is None else max_pages,
+                   "ocr_threshold": self.ocr_threshold if ocr_threshold is None else ocr_threshold}
         for attempt in (0, 1):  # a child that died since the last file is replaced once
             proc = self._proc if self._proc is not None and self._proc.poll() is None else self.start()
             try:
@@ -529,7 +538,7 @@ _shared_lock = threading.Lock()
 
 
 def extract_pdf(path: str | os.PathLike, time_limit_s: float = DEFAULT_TIME_LIMIT_S,
-                max_pages: int = DEFAULT_MAX_PAGES) -> PdfResult:
+                max_pages: int = DEFAULT_MAX_PAGES, ocr_threshold: float = OCR_THRESHOLD) -> PdfResult:
     """Extract one PDF in this process's shared worker (started once, reused, restarted after a kill)."""
     global _shared
     with _shared_lock:
@@ -538,4 +547,4 @@ def extract_pdf(path: str | os.PathLike, time_limit_s: float = DEFAULT_TIME_LIMI
 
             _shared = PdfExtractor()
             atexit.register(_shared.close)
-        return _shared.extract(path, time_limit_s=time_limit_s, max_pages=max_pages)
+        return _shared.extract(path, time_limit_s=time_limit_s, max_pages=max_pages, ocr_threshold=ocr_threshold)

@@ -90,29 +90,31 @@ class _ZstdStream(io.RawIOBase):
 
 
 def iter_records(
-    files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None = None
+    files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None = None,
+    pdf: dict | None = None,
 ) -> Iterator[Document]:
     """All documents of a source in a stable order, each with its drop reason (if any).
 
     Each file is read on its own (no state crosses files), so one file alone gives the same
-    documents as it does inside the whole list.
+    documents as it does inside the whole list. `pdf`: extraction settings for kind pdf
+    (time_limit_s, max_pages, ocr_threshold; the recipe's `curation.pdf`), defaults where unset.
     """
     count = 0
     for path in files:
-        for doc in _file_reader(path, kind)(path, text_key, id_key):
+        for doc in _file_reader(path, kind, pdf)(path, text_key, id_key):
             if limit is not None and count >= limit:
                 return
             count += 1
             yield doc
 
 
-def _file_reader(path: Path, kind: str) -> Callable[[Path, str, str], Iterator[Document]]:
+def _file_reader(path: Path, kind: str, pdf: dict | None = None) -> Callable[[Path, str, str], Iterator[Document]]:
     if kind == "jsonl":
         return _iter_jsonl
     if kind == "warc":
         return lambda p, _text_key, _id_key: _iter_warc(p)
     if kind == "pdf":
-        return lambda p, _text_key, _id_key: _iter_pdf(p)
+        return lambda p, _text_key, _id_key: _iter_pdf(p, pdf)
     if kind == "hf" and path.name.endswith(".arrow"):
         return _iter_arrow
     return _iter_parquet  # kind parquet, and hf's .parquet files
@@ -423,16 +425,24 @@ def _warc_doc(record, body: bytes, doc_id: str, meta: dict) -> Document:
 # --------------------------------------------------------------------- PDF
 
 
-def _iter_pdf(path: Path) -> Iterator[Document]:
+PDF_OPTIONS = ("time_limit_s", "max_pages", "ocr_threshold")
+
+
+def _iter_pdf(path: Path, options: dict | None = None) -> Iterator[Document]:
     """One Document per PDF file: its text layer, pages joined by a blank line (dataprep.pdf).
 
     The id is the file's SHA-256 (the same PDF twice is one document). A PDF that cannot be used
     carries dataprep.pdf's reason; one whose text layer should be replaced by OCR is dropped as
     `needs_ocr` (metadata needs_ocr / ocr_score say so for the OCR queue, its text is kept).
+    Metadata keeps pages, chars, extraction_seconds, producer, encrypted, sha256 and
+    page_offsets (where each page starts in the text).
     """
     from dataprep.pdf import extract_pdf
 
-    result = extract_pdf(path)
+    unknown = set(options or {}) - set(PDF_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown PDF extraction option(s) {sorted(unknown)}; known: {list(PDF_OPTIONS)}")
+    result = extract_pdf(path, **(options or {}))
     drop = result.drop or ("needs_ocr" if result.needs_ocr else None)
     yield _make_doc(result.text, result.sha256 or path.name, result.metadata(), drop)
 
@@ -473,8 +483,9 @@ class SourceReader(PipelineStep):
     type = "📖 - READER"
 
     def __init__(self, files: list[str], kind: str, text_key: str, id_key: str, limit: int | None,
-                 shards_per_file: int | None = None):
+                 shards_per_file: int | None = None, pdf: dict | None = None):
         super().__init__()
+        self.pdf = pdf  # kind pdf: extraction settings (the recipe's curation.pdf)
         self.files = [Path(f) for f in files]
         self.kind = kind
         self.text_key = text_key
@@ -487,7 +498,7 @@ class SourceReader(PipelineStep):
         if self.shards_per_file is not None:
             index, shard = divmod(rank, self.shards_per_file)
             files, shards = [self.files[index]], self.shards_per_file
-        for i, doc in enumerate(iter_records(files, self.kind, self.text_key, self.id_key, self.limit)):
+        for i, doc in enumerate(iter_records(files, self.kind, self.text_key, self.id_key, self.limit, self.pdf)):
             if i % shards != shard:
                 continue
             doc.metadata[SHARD_KEY] = shard

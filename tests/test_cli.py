@@ -38,7 +38,7 @@ def test_status_on_new_instance_lists_every_asset_missing(tmp_path, env):
     out = foundry("status", "--recipe", str(recipe), env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert lines[-1] == "13 missing"
+    assert lines[-1] == "14 missing"
     assert any(line.split()[1] == "r/filtered_fineweb" and "waiting for the file listing" in line for line in lines)
     assert any(line.split()[1] == "r/curated_fineweb" and "never materialized" in line for line in lines)
     assert (tmp_path / "home" / "dagster.yaml").is_file()  # instance created on first use
@@ -97,7 +97,7 @@ def test_ui_serves_the_asset_graph_and_stops_on_ctrl_c(tmp_path, env):
             except OSError:
                 continue
         assert keys is not None, "UI did not come up"
-        assert "u/curated_commoncrawl" in keys and len(keys) == 13
+        assert "u/curated_commoncrawl" in keys and len(keys) == 14
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0

@@ -37,7 +37,8 @@ def test_definitions_wire_groups_automation_and_sensor():
     loaded, defs = _demo()
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert "demo/curated_fineweb" in keys and "demo/rephrased_fineweb_qa" in keys and len(keys) == 19
+    assert "demo/curated_fineweb" in keys and "demo/rephrased_fineweb_qa" in keys and len(keys) == 25
+    assert "demo/ocr_queue_pdf" in keys  # the demo's PDF source lists what needs OCR
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.group_name == "demo"
@@ -63,11 +64,13 @@ def test_graph_dependencies():
     parents = lambda name: {k.to_user_string() for k in graph.get(AssetKey(["demo", name])).parent_keys}  # noqa: E731
     assert parents("filtered_commoncrawl") == set()  # a root: its partitions are the files
     assert parents("curated_commoncrawl") == {"demo/raw_commoncrawl", "demo/filtered_commoncrawl"}
-    assert parents("tokenizer") == {"demo/raw_fineweb", "demo/raw_commoncrawl", "demo/raw_warc"}  # raw, not curated
+    assert parents("tokenizer") == {"demo/raw_fineweb", "demo/raw_commoncrawl", "demo/raw_warc",
+                                    "demo/raw_pdf"}  # raw, not curated
     assert parents("tokenized_fineweb") == {"demo/curated_fineweb", "demo/tokenizer"}
     assert parents("rephrased_fineweb_qa") == {"demo/curated_fineweb"}  # kept documents, not raw ones
     assert parents("tokenized_fineweb_qa") == {"demo/rephrased_fineweb_qa", "demo/tokenizer"}
     assert parents("mixture") == {"demo/tokenized_fineweb", "demo/tokenized_commoncrawl", "demo/tokenized_warc",
-                                  "demo/tokenized_fineweb_qa"}
+                                  "demo/tokenized_pdf", "demo/tokenized_fineweb_qa"}
+    assert parents("ocr_queue_pdf") == {"demo/curated_pdf", "demo/raw_pdf"}  # only kind pdf sources have one
     assert parents("checkpoint") == {"demo/mixture", "demo/tokenizer"}
     assert parents("eval_report") == {"demo/checkpoint", "demo/tokenizer"}

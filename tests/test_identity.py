@@ -90,7 +90,7 @@ def test_code_version_is_logic_version_plus_spec():
 def test_code_versions_stable_across_processes_and_settings(tmp_path):
     recipe = load_recipe(DEMO)
     expected = demo_versions(recipe)
-    assert len(expected) == 19
+    assert len(expected) == 25
     assert len(set(expected.values())) >= 8  # real, distinct hashes
 
     alias = tmp_path / "data_alias"
@@ -148,7 +148,7 @@ def test_yaml_key_order_does_not_change_hashes(tmp_path):
     shuffled = reverse(original)
     # sources order is meaningful for nothing hashed; keep their order so labels line up
     shuffled["sources"] = {k: shuffled["sources"][k] for k in original["sources"]}
-    assert list(shuffled["mixture"]["weights"]) == ["fineweb_qa", "warc", "commoncrawl", "fineweb"]
+    assert list(shuffled["mixture"]["weights"]) == ["fineweb_qa", "pdf", "warc", "commoncrawl", "fineweb"]
     assert list(shuffled["sources"]["fineweb"]["curation"]) == [
         "fineweb_quality", "c4_quality", "gopher_quality", "gopher_repetition",
     ]

@@ -29,7 +29,8 @@ def parse_tiny(recipe: dict):
 PROJECT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # end to end: curation, training and lighteval on a real instance (~2 min)
 
-BRANCH_CC = ["filtered_commoncrawl", "curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report", "data_stats"]
+BRANCH_CC = ["filtered_commoncrawl", "curated_commoncrawl", "tokenized_commoncrawl", "mixture", "checkpoint", "eval_report",
+             "contamination", "data_stats"]
 AFTER_MIXTURE = ["mixture", "checkpoint", "eval_report", "data_stats"]
 
 
@@ -92,7 +93,7 @@ def test_first_sync_builds_everything(session):
     assert names(session.first["ran"]) == {
         "raw_fineweb", "raw_commoncrawl", "filtered_fineweb", "filtered_commoncrawl", "curated_fineweb",
         "curated_commoncrawl", "tokenizer", "tokenized_fineweb", "tokenized_commoncrawl", "mixture", "checkpoint",
-        "eval_report", "data_stats",
+        "eval_report", "contamination", "data_stats",
     }
     # one partition per file of the source folder
     assert partitions(session.first["ran"], "t1/filtered_commoncrawl") == {
@@ -112,7 +113,7 @@ def test_first_sync_builds_everything(session):
 def test_noop_sync_touches_nothing(session):
     report = session.sync(session.path)
     assert report["ran"] == [] and report["cache_hit"] == []
-    assert len(report["untouched"]) == 13
+    assert len(report["untouched"]) == 14
 
 
 def test_threshold_change_rebuilds_only_that_branch(session):
@@ -146,7 +147,7 @@ def test_second_recipe_shares_curated_and_tokenized_outputs(session):
     other_path = session.write(other)
     report = session.sync(session.path, other_path)
     shared = {"raw_fineweb", "raw_commoncrawl", "filtered_fineweb", "filtered_commoncrawl", "curated_fineweb",
-              "curated_commoncrawl", "tokenizer", "tokenized_fineweb", "tokenized_commoncrawl"}
+              "curated_commoncrawl", "tokenizer", "tokenized_fineweb", "tokenized_commoncrawl", "contamination"}
     assert names(report["cache_hit"], "t2") == shared
     assert names(report["ran"], "t2") == set(AFTER_MIXTURE)
     assert names(report["untouched"], "t1") == names(session.first["ran"])  # t1 stays as it was
@@ -252,7 +253,7 @@ def test_source_file_changes_are_detected(session, tmp_path):
     # Another path is another raw spec (a cheap re-hash), but the same bytes give the same data
     # version, so every other output is shared with t1.
     assert report["ran"] == ["t4/raw_commoncrawl"]
-    assert len(report["cache_hit"]) == 15  # 10 assets and 5 file partitions
+    assert len(report["cache_hit"]) == 16  # 11 assets and 5 file partitions
 
     target = next(copy_dir.glob("CC-MAIN-*.jsonl.gz"))
     os.utime(target, ns=(time.time_ns(), time.time_ns() + 10**9))
@@ -393,3 +394,22 @@ def test_blocking_check_stops_the_pipeline(session):
     assert states["tokenized_commoncrawl"].status == "blocked"
     assert states["checkpoint"].status == "blocked"
     assert states["tokenized_fineweb"].status == "fresh"  # the other branch is fine
+
+
+def test_moe_recipe_trains_and_reports_expert_load_by_source(session):
+    """A recipe that only turns the model into an MoE shares every data asset and reports
+    expert load per (layer, expert, source) in DuckDB."""
+    from assets.stats import query
+
+    moe = copy.deepcopy(session.base)
+    moe["name"] = "tmoe"
+    moe["model"].update(moe_experts=4, moe_top_k=2, moe_lb_scope="global_batch")
+    moe["training"]["grad_accum_steps"] = 2
+    report = session.sync(session.write(moe))
+    assert names(report["ran"], "tmoe") == {"checkpoint", "eval_report", "data_stats"}
+    assert "tmoe/mixture" in report["cache_hit"]
+    _, rows = query(session.store, "select source, sum(tokens) from expert_load where recipe = 'tmoe' "
+                                   "group by 1 order by 1")
+    assert [r[0] for r in rows] == ["commoncrawl", "fineweb"] and all(r[1] > 0 for r in rows)
+    _, lb = query(session.store, "select count(moe_lb_loss) from train_metrics where recipe = 'tmoe'")
+    assert lb[0][0] > 0

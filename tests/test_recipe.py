@@ -323,13 +323,16 @@ def test_directory_source_lists_only_matching_files(tmp_path):
 def test_demo_recipe_loads():
     recipe = load_recipe(DEMO)
     assert recipe.name == "demo"
-    assert list(recipe.sources) == ["fineweb", "commoncrawl", "warc"]
+    assert list(recipe.sources) == ["fineweb", "commoncrawl", "warc", "pdf"]
     assert recipe.sources["fineweb"].limit == 1000
     assert recipe.sources["fineweb"].curation.c4_quality.filter_no_terminal_punct is False
     cc = recipe.sources["commoncrawl"].curation
     assert cc.language.languages == ["en"] and cc.minhash.num_buckets == 14 and cc.checks.language_share.blocking
     assert recipe.sources["warc"].kind == "warc"
-    assert recipe.mixture.weights == {"fineweb": 0.73, "commoncrawl": 0.2, "warc": 0.02, "fineweb_qa": 0.05}
+    pdf = recipe.sources["pdf"]  # curation left to the PDF defaults
+    assert (pdf.kind, pdf.shards, pdf.curation.c4_quality, pdf.curation.pdf.max_pages) == ("pdf", 1, None, 500)
+    assert recipe.mixture.weights == {"fineweb": 0.71, "commoncrawl": 0.2, "warc": 0.02, "pdf": 0.02,
+                                      "fineweb_qa": 0.05}
     qa = recipe.rephrase["fineweb_qa"]
     assert (qa.source, qa.backend.kind, qa.styles) == ("fineweb", "extractive", ["qa", "cloze"])
     # the token budget covers what training reads (steps x batch x seq_len)
@@ -403,3 +406,18 @@ def test_hf_glob_takes_data_files_but_no_name(tmp_path):
     path, msg = load_error(tmp_path, d)
     assert msg == (f"{path}: invalid recipe\n  sources.hf.path: {tmp_path / 'a' / '*'}: 'name' and 'revision' need "
                    "a folder or Hub id as path, not a glob")
+
+
+def test_moe_fields_validate_and_stay_out_of_dense_identity():
+    from assets.recipe import ModelSpec, TrainingSpec
+
+    dense = ModelSpec()
+    assert not any(k.startswith("moe_") for k in dense.hashed())
+    assert "grad_accum_steps" not in TrainingSpec().hashed()
+    assert TrainingSpec(grad_accum_steps=2).hashed()["grad_accum_steps"] == 2
+    moe = ModelSpec(moe_experts=8, moe_top_k=2, moe_lb_scope="global_batch")
+    assert moe.hashed()["moe_experts"] == 8 and moe.hashed()["moe_lb_scope"] == "global_batch"
+    with pytest.raises(ValueError, match="apply only to MoE models"):
+        ModelSpec(moe_top_k=4)
+    with pytest.raises(ValueError, match="at most moe_experts"):
+        ModelSpec(moe_experts=2, moe_top_k=3)

@@ -300,6 +300,11 @@ def test_rephrased_corpora_build_and_join_the_mixture(workspace):
     by = {(r[0], r[1], r[2]): r[3] for r in rows}
     assert by[("fw_llm", "summary", "ok")] == 6 and by[("fw_llm", "qa", "ok")] == 6
     assert by[("fw_qa", "qa", "ok")] + by.get(("fw_qa", "qa", "empty"), 0) == 20
+    # the eval items were checked against every mixed corpus (hellaswag + arc_easy, 6 items each)
+    _, contamination = query(workspace.store, "select task, count(*), count(*) filter (where ngrams > 0) "
+                                              "from contamination group by 1 order by 1")
+    assert [(r[0], r[1]) for r in contamination] == [("arc_easy", 6), ("hellaswag", 6)]
+    assert all(r[2] > 0 for r in contamination)
     _, mixed = query(workspace.store, "select source, tokens from mixture where tokens > 0 order by source")
     assert {r[0] for r in mixed} == {"fineweb", "fw_llm", "fw_qa"}
     # every request went to the model once, with the key in the header only
@@ -343,7 +348,8 @@ def test_the_api_key_is_nowhere_but_the_request_header(workspace):
 @pytest.mark.slow
 def test_a_template_edit_marks_exactly_its_corpus_and_downstream(workspace):
     assert workspace.not_fresh() == set()
-    downstream = {"rephrased_fw_llm", "tokenized_fw_llm", "mixture", "checkpoint", "eval_report", "data_stats"}
+    downstream = {"rephrased_fw_llm", "tokenized_fw_llm", "mixture", "checkpoint", "eval_report", "contamination",
+                  "data_stats"}
     workspace.write_style(2)  # version bump
     assert workspace.not_fresh() == downstream
     workspace.write_style(1, "Summarise the passage in three sentences.")  # same version, new wording

@@ -215,7 +215,7 @@ def test_recipe_web_fields_validate_and_default_off():
     default = CurationSpec()
     assert (default.url_filter, default.language, default.pii) == (None, None, None)
     assert set(default.filter_spec()) == {"gopher_repetition", "gopher_quality", "c4_quality", "fineweb_quality"}
-    assert set(cur.filter_spec()) == set(CurationSpec.model_fields) - {"minhash", "checks"}
+    assert set(cur.filter_spec()) == set(CurationSpec.model_fields) - {"minhash", "checks", "pdf"}  # pdf: kind pdf
     assert set(default.hashed()) == {"filters", "minhash"}  # checks never change an output
     on = CurationSpec(language={})
     assert on.filter_spec()["language"] == {"languages": ["en"], "min_score": 0.65}
