@@ -9,13 +9,17 @@ parameters and the same number of tasks (one per file), at each worker count:
   (b) foundry  `foundry_materialize`: `foundry sync` of a one-source recipe on a fresh Dagster
                instance and store: raw_web -> filtered_web (a partition per file, all curated
                in one datatrove run, decision rows, per-step exclusions) -> curated_web (gathers
-               the partitions; MinHash off, as the bare chain has none)
+               the partitions; MinHash off, as the bare chain has none). Its quality filters
+               run on the fused path (the default, `foundry-fused`) and/or the plain datatrove
+               classes (`foundry-datatrove`): --path fused|datatrove|both, i.e.
+               $FOUNDRY_CURATION_PATH in the run's process.
 
 Runs alternate (a, b, a, b, ...; the order flips every repeat), each in a fresh process (spaCy
-loaded before the clock starts), and the best of --repeats is kept. Printed: docs/s of each side, Foundry / bare, and each side's 2-worker / 1-worker scaling.
+loaded before the clock starts), and the best of --repeats is kept. Printed: docs/s of each
+side, each Foundry side / bare, and each side's 2-worker / 1-worker scaling.
 
     python benchmarks/curation.py [--docs 20000] [--files 8] [--repeats 2] [--workers 1 2]
-                                  [--chain default|web] [--json] [--keep DIR]
+                                  [--chain default|web] [--path fused|datatrove|both] [--json] [--keep DIR]
     python benchmarks/curation.py --profile [--docs 2000]   # cProfile, in-process, workers=1
 
 datatrove logs every task to stderr; `2>/dev/null` leaves the table (its logs stay in the task log files).
@@ -48,6 +52,7 @@ os.environ.setdefault("HF_HOME", str(PROJECT / ".cache" / "hf"))  # datatrove's 
 
 from assets.recipe import CurationSpec  # noqa: E402
 from benchmarks.bare_datatrove import run_bare  # noqa: E402
+from dataprep.fused_filters import PATH_ENV  # noqa: E402
 
 DATA = Path(os.environ.get("FOUNDRY_DATA_ROOT", PROJECT.parent / "shared" / "data")) / "web"
 SAMPLES = [DATA / "fineweb_sample" / "fineweb_legal_dedup.jsonl.gz",
@@ -96,12 +101,14 @@ def bare_run(files: list[Path], curation: dict[str, Any], workers: int, tmp: Pat
     return time.perf_counter() - t0
 
 
-def foundry_materialize(files: list[Path], curation: dict[str, Any], workers: int, tmp: Path) -> float:
+def foundry_materialize(files: list[Path], curation: dict[str, Any], workers: int, tmp: Path,
+                        path: str = "fused") -> float:
     """Seconds for Foundry to materialize a one-source recipe over `files` through Dagster.
 
     What a user runs: `foundry sync` of raw_<s> -> filtered_<s> (one partition per file,
     curated in one datatrove run) -> curated_<s>, on a fresh Dagster instance and store, with
     one task per file like the bare side. MinHash is off: the bare chain has no dedup.
+    `path`: the quality filters' path ($FOUNDRY_CURATION_PATH, an execution knob).
     """
     import dataclasses
 
@@ -116,6 +123,7 @@ def foundry_materialize(files: list[Path], curation: dict[str, Any], workers: in
     assert all(f.parent == folder for f in files), "the benchmark's files must share one folder"
     os.environ["FOUNDRY_STORE"] = str(tmp / "foundry-store")
     os.environ["FOUNDRY_WORKERS"] = str(workers)
+    os.environ[PATH_ENV] = path
     home = tmp / "foundry-home"
     home.mkdir(parents=True, exist_ok=True)
     recipe = parse_recipe({
@@ -140,15 +148,26 @@ def foundry_materialize(files: list[Path], curation: dict[str, Any], workers: in
     return seconds
 
 
-SIDES = {"bare": bare_run, "foundry": foundry_materialize}
+def foundry_fused(files: list[Path], curation: dict[str, Any], workers: int, tmp: Path) -> float:
+    return foundry_materialize(files, curation, workers, tmp, path="fused")
 
 
-def kept_counts(tmp: Path) -> dict[str, int]:
-    """Documents each side wrote (checked after timing, so reading them costs nothing above)."""
+def foundry_datatrove(files: list[Path], curation: dict[str, Any], workers: int, tmp: Path) -> float:
+    return foundry_materialize(files, curation, workers, tmp, path="datatrove")
+
+
+SIDES = {"bare": bare_run, "foundry-fused": foundry_fused, "foundry-datatrove": foundry_datatrove}
+PATH_SIDES = {"fused": ["foundry-fused"], "datatrove": ["foundry-datatrove"],
+              "both": ["foundry-fused", "foundry-datatrove"]}
+
+
+def kept_count(side: str, tmp: Path) -> int:
+    """Documents a side wrote (checked after timing, so reading them costs nothing above)."""
     def count(folder: Path) -> int:
         return sum(1 for part in folder.glob("*.jsonl") for line in part.open("rb") if line.strip())
-    curated = sorted((tmp / "foundry-store" / "curated").glob("*/docs"))
-    return {"bare": count(tmp / "bare"), "foundry": sum(count(d) for d in curated)}
+    if side == "bare":
+        return count(tmp / "bare")
+    return sum(count(d) for d in sorted((tmp / "foundry-store" / "curated").glob("*/docs")))
 
 
 def warm_up() -> None:
@@ -187,12 +206,15 @@ def load_average() -> float | None:
 
 
 def benchmark(files: list[Path], docs: int, curation: dict, workers_list: list[int], repeats: int,
-              work: Path, log=print, in_process: bool = False) -> dict[str, Any]:
+              work: Path, log=print, in_process: bool = False, foundry_sides: list[str] | None = None,
+              ) -> dict[str, Any]:
+    foundry_sides = foundry_sides or PATH_SIDES["fused"]
+    sides = ["bare", *foundry_sides]
     runs: list[dict[str, Any]] = []
     kept: dict[str, int] | None = None
     for rep in range(repeats):
         for workers in workers_list:
-            order = ["bare", "foundry"] if rep % 2 == 0 else ["foundry", "bare"]
+            order = sides if rep % 2 == 0 else sides[::-1]
             for side in order:
                 tmp = work / f"{side}-w{workers}-r{rep}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -204,59 +226,63 @@ def benchmark(files: list[Path], docs: int, curation: dict, workers_list: list[i
                 runs.append({"side": side, "workers": workers, "repeat": rep, "seconds": round(seconds, 3),
                              "docs_per_s": round(docs / seconds, 2), "parent_cpu_s": round(cpu, 3),
                              "load_before": load, "load_after": load_average()})
-                log(f"  {side:8s} workers={workers} repeat={rep}: {seconds:7.1f} s  {docs / seconds:8.1f} docs/s"
+                log(f"  {side:17s} workers={workers} repeat={rep}: {seconds:7.1f} s  {docs / seconds:8.1f} docs/s"
                     f"  (CPU here {cpu:.1f} s; 1-min load before/after: {load} / {load_average()})")
-            counts = kept_counts(work / f"bare-w{workers}-r{rep}") | {
-                "foundry": kept_counts(work / f"foundry-w{workers}-r{rep}")["foundry"]}
-            if counts["bare"] != counts["foundry"]:
+            counts = {side: kept_count(side, work / f"{side}-w{workers}-r{rep}") for side in sides}
+            if len(set(counts.values())) != 1:
                 log(f"  WARNING: kept documents differ: {counts}")
             kept = kept or counts
             for side in order:
                 shutil.rmtree(work / f"{side}-w{workers}-r{rep}", ignore_errors=True)
     best = {side: {w: max(r["docs_per_s"] for r in runs if r["side"] == side and r["workers"] == w)
-                   for w in workers_list} for side in SIDES}
-    ratio = {w: round(best["foundry"][w] / best["bare"][w], 3) for w in workers_list}
+                   for w in workers_list} for side in sides}
+    over_bare = {side: {w: round(best[side][w] / best["bare"][w], 3) for w in workers_list} for side in foundry_sides}
     result: dict[str, Any] = {"docs": docs, "files": len(files), "tasks": len(files), "repeats": repeats,
-                              "fresh_process_per_run": not in_process,
-                              "kept": kept, "best_docs_per_s": best, "foundry_over_bare": ratio, "runs": runs,
+                              "fresh_process_per_run": not in_process, "sides": sides,
+                              "kept": kept, "best_docs_per_s": best, "over_bare": over_bare,
+                              "foundry_over_bare": over_bare[foundry_sides[0]], "runs": runs,
                               "cpus": os.cpu_count()}
     if 1 in workers_list:  # docs per CPU-second at workers=1: the work each side does, whatever else runs
-        cpu = {side: min(r["parent_cpu_s"] for r in runs if r["side"] == side and r["workers"] == 1) for side in SIDES}
-        result["docs_per_cpu_s_1_worker"] = {side: round(docs / cpu[side], 2) for side in SIDES}
-        result["foundry_over_bare_cpu_1_worker"] = round(cpu["bare"] / cpu["foundry"], 3)
+        cpu = {side: min(r["parent_cpu_s"] for r in runs if r["side"] == side and r["workers"] == 1) for side in sides}
+        result["docs_per_cpu_s_1_worker"] = {side: round(docs / cpu[side], 2) for side in sides}
+        result["over_bare_cpu_1_worker"] = {side: round(cpu["bare"] / cpu[side], 3) for side in foundry_sides}
+    checks: dict[str, Any] = {}
+    if "foundry-fused" in over_bare:
+        checks["fused_at_least_2x_bare"] = {w: over_bare["foundry-fused"][w] >= 2.0 for w in workers_list}
+    if "foundry-datatrove" in over_bare:
+        checks["datatrove_path_at_least_0.9x_bare"] = {w: over_bare["foundry-datatrove"][w] >= 0.9
+                                                      for w in workers_list}
     if 1 in workers_list and 2 in workers_list:
-        result["scaling_2w_over_1w"] = {side: round(best[side][2] / best[side][1], 3) for side in SIDES}
-        result["checks"] = {
-            "foundry_at_least_0.9x_bare": {w: ratio[w] >= 0.9 for w in workers_list},
-            "2_workers_at_least_1.7x": {side: result["scaling_2w_over_1w"][side] >= 1.7 for side in SIDES},
-        }
+        result["scaling_2w_over_1w"] = {side: round(best[side][2] / best[side][1], 3) for side in sides}
+        checks["2_workers_at_least_1.7x"] = {side: result["scaling_2w_over_1w"][side] >= 1.7 for side in sides}
+    result["checks"] = checks
     return result
 
 
 def table(result: dict[str, Any], chain: str) -> str:
-    best, ratio = result["best_docs_per_s"], result["foundry_over_bare"]
+    best, over_bare, sides = result["best_docs_per_s"], result["over_bare"], result["sides"]
     lines = [
         f"curation throughput: {result['docs']:,} docs in {result['files']} jsonl.gz files, chain={chain}, "
-        f"tasks={result['tasks']} on both sides, best of {result['repeats']}, {result['cpus']} CPUs "
+        f"tasks={result['tasks']} on every side, best of {result['repeats']}, {result['cpus']} CPUs "
         f"(1-min load seen: {_load_range(result['runs'])})",
         f"kept documents: {result['kept']}",
         "",
-        f"{'workers':>7}  {'bare docs/s':>12}  {'foundry docs/s':>14}  {'foundry/bare':>12}",
+        f"{'workers':>7}" + "".join(f"  {side + ' docs/s':>24}" for side in sides)
+        + "".join(f"  {side.removeprefix('foundry-') + ' / bare':>16}" for side in over_bare),
     ]
     for w in best["bare"]:
-        lines.append(f"{w:>7}  {best['bare'][w]:>12.1f}  {best['foundry'][w]:>14.1f}  {ratio[w]:>11.3f}x")
+        lines.append(f"{w:>7}" + "".join(f"  {best[side][w]:>24.1f}" for side in sides)
+                     + "".join(f"  {over_bare[side][w]:>15.3f}x" for side in over_bare))
     if "docs_per_cpu_s_1_worker" in result:
-        c = result["docs_per_cpu_s_1_worker"]
-        lines += ["", f"per CPU-second at 1 worker: bare {c['bare']:.1f}, foundry {c['foundry']:.1f} docs "
-                      f"(foundry/bare {result['foundry_over_bare_cpu_1_worker']:.3f}x; not skewed by other load)"]
+        c, r = result["docs_per_cpu_s_1_worker"], result["over_bare_cpu_1_worker"]
+        lines += ["", "per CPU-second at 1 worker (not skewed by other load): "
+                  + ", ".join(f"{side} {c[side]:.1f} docs" for side in sides)
+                  + "  (" + ", ".join(f"{side}/bare {r[side]:.3f}x" for side in r) + ")"]
     if "scaling_2w_over_1w" in result:
         s = result["scaling_2w_over_1w"]
-        lines += ["", f"2 workers / 1 worker:  bare {s['bare']:.2f}x   foundry {s['foundry']:.2f}x"]
-        c = result["checks"]
-        lines.append("foundry >= 0.9x bare:  " + ", ".join(
-            f"{w} worker(s) {'yes' if ok else 'NO'}" for w, ok in c["foundry_at_least_0.9x_bare"].items()))
-        lines.append("2 workers >= 1.7x:     " + ", ".join(
-            f"{side} {'yes' if ok else 'NO'}" for side, ok in c["2_workers_at_least_1.7x"].items()))
+        lines += ["", "2 workers / 1 worker:  " + "   ".join(f"{side} {s[side]:.2f}x" for side in sides)]
+    for check, verdicts in result["checks"].items():
+        lines.append(f"{check}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in verdicts.items()))
     return "\n".join(lines)
 
 
@@ -268,10 +294,11 @@ def _load_range(runs: list[dict]) -> str:
 # --------------------------------------------------------------------- profile
 
 
-def profile(files: list[Path], curation: dict, work: Path, top: int) -> str:
+def profile(files: list[Path], curation: dict, work: Path, top: int, sides: list[str]) -> str:
     """cProfile of each side at workers=1 (tasks run in this process), top functions by own time."""
     out = io.StringIO()
-    for side, fn in SIDES.items():
+    for side in sides:
+        fn = SIDES[side]
         tmp = work / f"profile-{side}"
         prof = cProfile.Profile()
         prof.enable()
@@ -296,11 +323,13 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--chain", choices=sorted(CHAINS), default="default",
                    help="default: the four quality filters; web: URL filter + language ID before them")
+    p.add_argument("--path", choices=sorted(PATH_SIDES), default="fused",
+                   help="Foundry's quality filters: fused (default), datatrove (the plain classes) or both")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--keep", help="work in this folder and keep it (default: a temp dir, removed)")
     p.add_argument("--in-process", action="store_true",
                    help="run every measurement in this process (default: a fresh process per run)")
-    p.add_argument("--profile", action="store_true", help="cProfile both sides once at workers=1 instead")
+    p.add_argument("--profile", action="store_true", help="cProfile each side once at workers=1 instead")
     p.add_argument("--top", type=int, default=30, help="functions listed per profile")
     args = p.parse_args()
 
@@ -313,10 +342,14 @@ def main() -> None:
         log(f"wrote {args.docs:,} docs to {len(files)} files in {time.perf_counter() - t0:.1f} s ({work / 'input'})")
         warm_up()
         curation = CHAINS[args.chain]
+        foundry_sides = PATH_SIDES[args.path]
         if args.profile:
-            print(profile(files, curation, work, args.top))
+            # the fused path keeps spaCy's common strings for the rest of the process (faster lookups
+            # for whatever runs after it there): it is profiled last
+            print(profile(files, curation, work, args.top, ["bare", *sorted(foundry_sides, key="foundry-fused".__eq__)]))
             return
-        result = benchmark(files, args.docs, curation, args.workers, args.repeats, work, log, args.in_process)
+        result = benchmark(files, args.docs, curation, args.workers, args.repeats, work, log, args.in_process,
+                           foundry_sides)
         result["chain"] = args.chain
         print(json.dumps(result, indent=2) if args.json else "\n" + table(result, args.chain))
     finally:

@@ -10,6 +10,11 @@ datatrove's own filters decide; `Judged` only records *which* step dropped a doc
 why, instead of discarding it, so `DecisionSink` can write one row per input document. Each
 filter step also writes what it dropped to `excluded/<step>/<rank>.jsonl` (datatrove's
 exclusion writer), so a user can read what a step removed.
+
+The four quality filters run on one of two paths, with the same decisions (an execution knob,
+$FOUNDRY_CURATION_PATH, in no hash): `fused` (default), datatrove's filters sharing each
+document's words and counting only what a decision needs (`fused_filters`), or `datatrove`,
+the plain classes.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.batching import batched
 
 from .executors import ExecutorSettings, make_executor, run_executor
+from .fused_filters import FUSED_FILTERS, curation_path
 from .readers import CHARS_KEY, DROP_KEY, SHARD_KEY, SourceReader
 from .web import LANG_KEY, LANG_SCORE_KEY, STEP_KEY, Extracted, FastTextLanguageFilter, Formatted, OfflineURLFilter
 
@@ -89,13 +95,16 @@ def useful_workers(files: list[Path], workers: int, tasks: int, limit: int | Non
     return max(1, min(workers, tasks))
 
 
-def build_filter(name: str, params: dict[str, Any]) -> BaseFilter:
+def build_filter(name: str, params: dict[str, Any], path: str | None = None) -> BaseFilter:
+    """The recipe's filter `name`: datatrove's class (path `datatrove`) or its fused subclass
+    (`fused`, the default: same parameters, same decisions; see fused_filters)."""
     kwargs = dict(params)
     # YAML mappings {n: fraction} -> datatrove's ((n, fraction), ...) tuples
     for key in ("top_n_grams", "dup_n_grams"):
         if key in kwargs:
             kwargs[key] = tuple(sorted((int(n), float(v)) for n, v in kwargs[key].items()))
-    return FILTERS[name](**kwargs)
+    classes = FUSED_FILTERS if curation_path(path) == "fused" else FILTERS
+    return classes[name](**kwargs)
 
 
 class Judged(PipelineStep):
@@ -192,17 +201,20 @@ def _strip_internal(doc: Document) -> dict:
 
 def curation_steps(
     files: list[Path], kind: str, text_key: str, id_key: str, limit: int | None, curation: dict[str, Any],
-    excluded_dir: Path | None = None, shards_per_file: int | None = None,
+    excluded_dir: Path | None = None, shards_per_file: int | None = None, path: str | None = None,
 ) -> list[PipelineStep]:
     """Reader, extraction and the configured steps in FineWeb's order (no sink, no writer).
 
     With `excluded_dir`, each filter step writes the documents it drops to excluded_dir/<step>/.
+    `path`: `fused` or `datatrove` quality filters (default: $FOUNDRY_CURATION_PATH, else fused).
     """
+    path = curation_path(path)
 
     def judged(step: str, inner: BaseFilter) -> Judged:
         return Judged(step, inner, str(excluded_dir / step) if excluded_dir is not None else None)
 
-    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit, shards_per_file)]
+    steps: list[PipelineStep] = [SourceReader([str(f) for f in files], kind, text_key, id_key, limit, shards_per_file,
+                                              pdf=curation.get("pdf"))]
     if kind == "warc":
         # deduplicate=False: Trafilatura's own dedup caches paragraphs across pages, so a page's
         # text would depend on the pages its process saw before; MinHash removes duplicates.
@@ -214,7 +226,7 @@ def curation_steps(
     for name in FILTERS:
         params = curation.get(name)
         if params is not None:
-            steps.append(judged(name, build_filter(name, params)))
+            steps.append(judged(name, build_filter(name, params, path)))
     if curation.get("pii") is not None:
         steps.append(Formatted("pii", PIIFormatter(**curation["pii"])))
     return steps
@@ -232,13 +244,16 @@ def run_curation(
     workers: int,
     logs_dir: Path | None = None,
     executor: ExecutorSettings | None = None,
+    path: str | None = None,
 ) -> dict[str, Any]:
     """Curate one source into out_dir/{docs,decisions}; returns counts.
 
     datatrove's task logs and per-step stats go to logs_dir (default: beside out_dir, removed).
-    `executor` picks where the tasks run (local processes by default; Slurm or Ray).
+    `executor` picks where the tasks run (local processes by default; Slurm or Ray); `path`
+    which quality filters (`fused` or `datatrove`, see curation_steps): neither changes the output.
     """
-    steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=out_dir / "excluded")
+    steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=out_dir / "excluded",
+                           path=path)
     _run_with_sinks(steps, out_dir, shards, workers, logs_dir, executor)
     return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
 
@@ -255,6 +270,7 @@ def run_curation_per_file(
     workers: int,
     logs_dir: Path | None = None,
     executor: ExecutorSettings | None = None,
+    path: str | None = None,
 ) -> list[dict[str, Any]]:
     """Curate each file into its own out_dir, exactly as `run_curation([file], ...)` would, but
     in one datatrove run (one process pool for all files: ranks = files x shards)."""
@@ -263,7 +279,7 @@ def run_curation_per_file(
     work = out_dirs[0].parent / f"{out_dirs[0].name}.batch"
     shutil.rmtree(work, ignore_errors=True)
     steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=work / "excluded",
-                           shards_per_file=shards)
+                           shards_per_file=shards, path=path)
     try:
         _run_with_sinks(steps, work, shards * len(files), workers, logs_dir, executor)
         # rank r of the batch is shard r % shards of file r // shards: move each part home

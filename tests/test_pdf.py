@@ -317,9 +317,6 @@ def test_the_reader_takes_the_extraction_settings():
         list(iter_records([FOUR_PAGES], "pdf", "text", "id", pdf={"pages": 3}))
 
 
-@pytest.mark.xfail(strict=True, reason="dataprep/curate.py does not yet pass curation['pdf'] to SourceReader "
-                   "(curation_steps: SourceReader(..., shards_per_file, pdf=curation.get('pdf'))); "
-                   "remove this marker once it does")
 def test_curation_passes_the_extraction_settings_to_the_reader(tmp_path):
     from dataprep.curate import curation_steps, run_curation
 
