@@ -457,12 +457,14 @@ def test_run_curation_web_chain_same(plain_side, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 @needs_samples
 def test_whole_samples_default_chain_same_decisions(plain_side):
     assert_same_decisions(plain_side, CurationSpec().model_dump(mode="json"), sample_texts(None, None))
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 @needs_samples
 @pytest.mark.parametrize("seed", range(100, 112))
 def test_whole_samples_random_thresholds_same_decisions(plain_side, seed):
@@ -471,6 +473,7 @@ def test_whole_samples_random_thresholds_same_decisions(plain_side, seed):
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive
 @needs_samples
 @pytest.mark.parametrize("web", [False, True])
 def test_run_curation_on_whole_samples_same(plain_side, tmp_path, web):
