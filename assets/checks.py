@@ -124,11 +124,13 @@ CHECKS: list[Check] = [
 ]
 
 
-def _failed_share_at_most(ceiling: float) -> Callable[[Manifest], tuple[bool, str]]:
+def _share_at_most(part: str, whole: str, what: str, ceiling: float) -> Callable[[Manifest], tuple[bool, str]]:
+    """counts[part] / counts[whole] <= ceiling (an empty output passes: other checks catch it)."""
+
     def evaluate(m: Manifest) -> tuple[bool, str]:
-        pairs, failed = m.counts.get("pairs", 0), m.counts.get("failed", 0)
-        share = failed / pairs if pairs else 0.0
-        return share <= ceiling, f"{failed:,} of {pairs:,} document-styles failed ({share:.3f}, ceiling {ceiling:g})"
+        total, n = m.counts.get(whole, 0), m.counts.get(part, 0)
+        share = n / total if total else 0.0
+        return share <= ceiling, f"{n:,} of {total:,} {what} ({share:.3f}, ceiling {ceiling:g})"
 
     return evaluate
 
@@ -144,17 +146,8 @@ def rephrased_checks(spec: RephraseSpec) -> list[Check]:
         Check("has_documents", "rephrased", True, "At least one document was rephrased.", _rephrased_documents),
         Check("failed_share", "rephrased", cfg.blocking,
               f"At most {cfg.max_failed_share:g} of document-styles failed (reasons in the rephrase table).",
-              _failed_share_at_most(cfg.max_failed_share)),
+              _share_at_most("failed", "pairs", "document-styles failed", cfg.max_failed_share)),
     ]
-
-
-def _contaminated_share_at_most(ceiling: float) -> Callable[[Manifest], tuple[bool, str]]:
-    def evaluate(m: Manifest) -> tuple[bool, str]:
-        items, flagged = m.counts.get("items", 0), m.counts.get("contaminated", 0)
-        share = flagged / items if items else 0.0
-        return share <= ceiling, f"{flagged:,} of {items:,} eval items share an n-gram with training data ({share:.3f})"
-
-    return evaluate
 
 
 def checks_for(plan: AssetPlan) -> list[Check]:
@@ -162,7 +155,8 @@ def checks_for(plan: AssetPlan) -> list[Check]:
         spec = plan.context["contamination"]
         return [Check("contaminated_share", "contamination", spec.blocking,
                       f"At most {spec.max_share:g} of eval items overlap the training corpora.",
-                      _contaminated_share_at_most(spec.max_share))]
+                      _share_at_most("contaminated", "items", "eval items share an n-gram with training data",
+                                     spec.max_share))]
     if plan.kind == "curated":
         return curated_checks(plan.context["source"].curation)
     if plan.kind == "rephrased":
