@@ -45,8 +45,10 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time as _time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -387,7 +389,7 @@ def run_executor(
     """
     settings = settings or ExecutorSettings()
     if isinstance(executor, LocalPipelineExecutor):
-        with _task_logs_off_console(executor):
+        with _task_logs_off_console(executor), _workers_obey_sigterm():
             executor.run()
     elif isinstance(executor, SlurmPipelineExecutor):
         executor.launch_job()
@@ -400,6 +402,27 @@ def run_executor(
     incomplete = executor.get_incomplete_ranks(skip_completed=True)
     if incomplete:
         raise RuntimeError(_incomplete_message(executor, incomplete))
+
+
+@contextlib.contextmanager
+def _workers_obey_sigterm() -> Iterator[None]:
+    """Let datatrove's pool stop its workers: SIGTERM must not be ignored when they start.
+
+    The pool's `terminate()` (on leaving `with Pool()`) stops workers with SIGTERM and then joins
+    them. A process started in the background has SIGINT ignored, and Dagster's interrupt capture
+    gives SIGTERM SIGINT's handler, so SIGTERM is ignored too; ignored signals survive exec and
+    fork, so the forkserver and every worker ignore it, and `terminate()` can wait forever for a
+    worker blocked on the task queue (seen with 20k documents on 2 workers under `nohup`). The
+    default is restored for the run (the forkserver starts inside it) and put back after.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

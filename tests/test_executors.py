@@ -86,6 +86,45 @@ def test_local_chained_stages_run_in_order(tmp_path):
     assert _ids(tmp_path / "out") == ["0-0", "0-1", "1-0", "1-1"]
 
 
+_SIGTERM_DRILL = """
+import json, os, signal, sys
+from pathlib import Path
+from dataprep.executors import make_executor, run_executor
+
+def record_signals(data, rank, world_size):
+    ignored = int(Path("/proc/self/status").read_text().split("SigIgn:")[1].split()[0], 16)
+    Path(sys.argv[1], f"{rank}.json").write_text(json.dumps({"pid": os.getpid(), "ignored": ignored}))
+    yield from data or ()
+
+if __name__ == "__main__":
+    # a background shell ignores SIGINT; Dagster's interrupt capture then gives SIGTERM that disposition
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+    run_executor(make_executor([record_signals], tasks=2, workers=2, logging_dir=Path(sys.argv[1]) / "logs"))
+    print(signal.getsignal(signal.SIGTERM) == signal.SIG_IGN)
+"""
+
+
+def test_local_workers_obey_sigterm_when_the_caller_ignores_it(tmp_path):
+    """Pool.terminate() stops workers with SIGTERM; workers that inherited SIG_IGN can hang it forever."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "drill.py"
+    script.write_text(_SIGTERM_DRILL)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "True"  # the caller's own disposition is put back
+    workers = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    assert all(w["pid"] != 0 for w in workers)
+    sigterm_bit = 1 << (signal.SIGTERM - 1)
+    assert [w["ignored"] & sigterm_bit for w in workers] == [0, 0]
+
+
 # --- slurm ---------------------------------------------------------------------------------
 
 
