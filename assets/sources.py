@@ -26,7 +26,12 @@ def raw_spec(src: SourceSpec) -> dict[str, Any]:
 
 def reader_spec(src: SourceSpec) -> dict[str, Any]:
     """How documents are read from the files (the path is not part of it: content is)."""
-    return src.model_dump(mode="json", include={"kind", "text_key", "id_key", "limit"})
+    spec = src.model_dump(mode="json", include={"kind", "text_key", "id_key", "limit"})
+    if src.kind == "pdf":  # extraction code is the reader here: a new version re-extracts every file
+        from dataprep.pdf import LOGIC_VERSION as PDF_LOGIC_VERSION
+
+        spec["extraction"] = PDF_LOGIC_VERSION
+    return spec
 
 
 def _common_parent(files: list[Path]) -> Path:

@@ -409,3 +409,21 @@ def test_pdf_defaults_keep_long_documents_that_web_defaults_drop(extractor):
         assert _first_drop(extractor.extract(BORN_DIGITAL / name).text, pdf_defaults) == reason
     table = extractor.extract(PDF / "pdfplumber" / "nics-background-checks-2015-11.pdf").text
     assert _first_drop(table, pdf_defaults) == "gopher_repetition:top_3_gram"  # a table of numbers
+
+
+def test_a_new_extraction_logic_version_rebuilds_pdf_sources_only(monkeypatch):
+    """The text comes out of dataprep.pdf, so its logic version is part of a pdf source's identity."""
+    import dataprep.pdf
+    from assets.curation import curated_spec, filtered_spec
+    from assets.identity import code_version
+    from assets.recipe import SourceSpec
+
+    pdf = SourceSpec(kind="pdf", path="pdf")
+    web = SourceSpec(kind="jsonl", path="web/fineweb_sample")
+    before = {name: (code_version("filtered", filtered_spec(s)), code_version("curated", curated_spec(s)))
+              for name, s in (("pdf", pdf), ("web", web))}
+    monkeypatch.setattr(dataprep.pdf, "LOGIC_VERSION", dataprep.pdf.LOGIC_VERSION + "-next")
+    after = {name: (code_version("filtered", filtered_spec(s)), code_version("curated", curated_spec(s)))
+             for name, s in (("pdf", pdf), ("web", web))}
+    assert after["web"] == before["web"]
+    assert after["pdf"][0] != before["pdf"][0] and after["pdf"][1] != before["pdf"][1]
