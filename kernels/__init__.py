@@ -8,10 +8,14 @@ Implemented (forward and backward):
     rmsnorm.py  `rms_norm(x, weight, eps)`    RMSNorm, with the weight gradient
     swiglu.py   `swiglu(a, b)`                the gated activation silu(a) * b
     rope.py     `rope(q, k, cos, sin)`        rotate-half RoPE on q and k
-Not yet: fused linear + cross-entropy, the Muon Newton-Schulz product (issue 7).
+    fused_linear_cross_entropy.py  `linear_cross_entropy(x, weight, target, ...)`  output head +
+                cross-entropy (+ z-loss) in row chunks, never materialising the [tokens, vocab] logits
+    sym_matmul.py  `sym_matmul(x, alpha, beta, add)`  alpha * x @ x.T + beta * add computing one
+                triangle of tiles: Muon's Newton-Schulz products (`training.muon`)
 
-`training.model.ModelConfig(kernels="triton")` routes the model through these ops; the default,
-"reference", runs plain PyTorch. Importing this package does not import Triton (nor Dagster);
+`training.model.ModelConfig(kernels="triton")` routes the model through these ops (the output head
+and loss through the fused linear + cross-entropy, and a Muon optimizer built for that model through
+`sym_matmul`); the default, "reference", runs plain PyTorch. Importing this package does not import Triton (nor Dagster);
 `triton_unavailable_reason()` says why the kernels cannot run here, and `load_ops()` imports them.
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter, which needs
 TRITON_INTERPRET=1 in the environment before the first kernel module is imported (slow: for tests).
@@ -23,7 +27,7 @@ import importlib.util
 import os
 from types import SimpleNamespace
 
-IMPLEMENTED = ("rms_norm", "swiglu", "rope")
+IMPLEMENTED = ("rms_norm", "swiglu", "rope", "linear_cross_entropy", "sym_matmul")
 
 
 def _interpret_requested() -> bool:
@@ -45,8 +49,12 @@ def triton_unavailable_reason() -> str | None:
 
 def load_ops() -> SimpleNamespace:
     """Import the kernel modules (and Triton) and return the ops by name."""
+    from kernels.fused_linear_cross_entropy import linear_cross_entropy
     from kernels.rmsnorm import rms_norm
     from kernels.rope import rope
     from kernels.swiglu import swiglu
+    from kernels.sym_matmul import sym_matmul
 
-    return SimpleNamespace(rms_norm=rms_norm, swiglu=swiglu, rope=rope)
+    return SimpleNamespace(
+        rms_norm=rms_norm, swiglu=swiglu, rope=rope, linear_cross_entropy=linear_cross_entropy, sym_matmul=sym_matmul
+    )

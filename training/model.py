@@ -3,7 +3,8 @@
 Pre-norm RMSNorm blocks, rotary position embeddings (RoPE), grouped-query attention (GQA)
 through F.scaled_dot_product_attention, a SwiGLU MLP, a final RMSNorm and (by default) an
 output head tied to the token embedding. `ModelConfig.kernels="triton"` routes RMSNorm, the SwiGLU
-activation and RoPE through the Triton kernels in `kernels/` (imported only then).
+activation, RoPE and the output head + loss (fused linear + cross-entropy: with targets, the forward
+then returns logits=None) through the Triton kernels in `kernels/` (imported only then).
 
 Optional, all off by default (a config that does not set them trains exactly as before):
 
@@ -54,10 +55,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    # Which implementation runs RMSNorm, SwiGLU's activation and RoPE: "reference" (plain PyTorch)
-    # or "triton" (the fused kernels in `kernels/`, which fall back to the reference, with one
-    # warning, where no GPU driver or interpreter can run them). A runtime choice, not part of the
-    # model's identity: to_dict() leaves it out while it is the default.
+    # Which implementation runs RMSNorm, SwiGLU's activation, RoPE and the head + loss (and Muon's
+    # Newton-Schulz products): "reference" (plain PyTorch) or "triton" (the kernels in `kernels/`,
+    # which fall back to the reference, with one warning, where no GPU driver or interpreter can
+    # run them). A runtime choice, not part of the model's identity: to_dict() leaves it out
+    # while it is the default.
     kernels: str = "reference"
     # Added after the first checkpoints: to_dict() leaves each out while it is at its default
     # (OPTIONAL_DEFAULTS), so configs and checkpoints that never set them look as before.
@@ -370,6 +372,7 @@ class Transformer(nn.Module):
         # Triton ops or None (reference); decided once here, so a fallback warns once per model.
         ops = resolve_kernel_ops(config.kernels)
         self.uses_triton_kernels = ops is not None
+        self.kernel_ops = ops  # the fused head + loss; a Muon built for this model takes sym_matmul
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = nn.ModuleList(
             Block(config, ops, config.uses_rope(i), config.is_moe_layer(i)) for i in range(config.n_layers)
@@ -405,8 +408,11 @@ class Transformer(nn.Module):
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, moe_counts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """logits [B, T, V] and, with targets, the training loss (cross-entropy + enabled auxiliary losses).
+
+        With Triton kernels and targets, the head and loss run fused and logits is None: the
+        [B, T, V] logits are never materialised (they are the memory peak at large vocabularies).
 
         moe_counts: [n MoE layers, E] routing counts of the whole optimizer step, for the
         global-batch load-balancing loss over several micro-batches (`route_counts`); None = this
@@ -427,13 +433,17 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
         x = self.norm(x)
-        logits = self.lm_head(x)  # [B, T, V]
+        fused = targets is not None and self.kernel_ops is not None
+        logits = None if fused else self.lm_head(x)  # [B, T, V]
         loss = None
-        if targets is not None:
+        if fused:  # same loss as below (z-loss included), chunk by chunk
+            loss = self.kernel_ops.linear_cross_entropy(x, self.lm_head.weight, targets, z_loss=self.config.z_loss)
+        elif targets is not None:
             flat = logits.float().view(B * T, -1)  # [B*T, V]
             loss = F.cross_entropy(flat, targets.reshape(B * T), ignore_index=-100)
             if self.config.z_loss > 0:
                 loss = loss + self.config.z_loss * z_loss_term(flat, targets.reshape(B * T))
+        if targets is not None:
             if self.moe_layers:
                 aux = self.moe_aux_losses(moe_counts)
                 loss = loss + aux["weighted"]

@@ -17,7 +17,9 @@ run has a single optimizer state to checkpoint and a single `step()`:
   `training.optim.param_groups`, none on embeddings, a tied head, norms and vectors.
 
 Newton–Schulz runs in bfloat16 on CUDA (fast, and the iteration tolerates it) and in float32
-elsewhere (CPU bf16 matmuls are slow and gain nothing).
+elsewhere (CPU bf16 matmuls are slow and gain nothing). For a model built with
+`ModelConfig.kernels="triton"`, `build_muon` hands the iteration `kernels.sym_matmul`, which computes
+its two symmetric products (X Xᵀ and A·A = A Aᵀ) one triangle at a time.
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ MUON_DEFAULTS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5}
 ADAMW_NAME_PARTS = ("router", "shared_expert_gate")
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None) -> torch.Tensor:
+def newton_schulz(
+    g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None, sym_matmul=None
+) -> torch.Tensor:
     """Approximately orthogonalise a 2-D matrix: U V^T of its SVD U S V^T, with S pushed toward 1.
 
     Works on the wide orientation (rows <= cols) so X X^T is the smaller Gram matrix; returns the
-    input's shape and dtype.
+    input's shape and dtype. sym_matmul: `kernels.sym_matmul` (alpha * x x^T + beta * add, one
+    triangle computed) for the symmetric products, or None for plain matmuls.
     """
     if g.ndim != 2:
         raise ValueError(f"newton_schulz expects a 2-D matrix, got shape {tuple(g.shape)}")
@@ -55,8 +60,12 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: tor
         x = x.T  # [m, n] with m <= n
     x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm = 1, so the iteration converges
     for _ in range(steps):
-        gram = x @ x.T  # [m, m]
-        poly = b * gram + c * (gram @ gram)  # [m, m]
+        if sym_matmul is None:
+            gram = x @ x.T  # [m, m]
+            poly = b * gram + c * (gram @ gram)  # [m, m]
+        else:  # gram is symmetric, so gram @ gram = gram @ gram^T: both products are symmetric
+            gram = sym_matmul(x)  # [m, m]
+            poly = sym_matmul(gram, alpha=c, beta=b, add=gram)  # [m, m]
         x = a * x + poly @ x  # [m, n]
     if transposed:
         x = x.T
@@ -67,7 +76,8 @@ class Muon(torch.optim.Optimizer):
     """Muon for groups with ``use_muon=True``, AdamW for the others (see the module docstring).
 
     Group options: lr, weight_decay, use_muon; Muon groups: momentum, nesterov, ns_steps;
-    AdamW groups: betas, eps.
+    AdamW groups: betas, eps. sym_matmul: see `newton_schulz` (not a group option: it is how, not
+    what, so it stays out of the state dict).
     """
 
     def __init__(
@@ -80,7 +90,9 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
+        sym_matmul=None,
     ):
+        self.sym_matmul = sym_matmul
         defaults = dict(
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
             betas=betas, eps=eps, use_muon=False,
@@ -117,7 +129,7 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(g, 1 - mu)  # buf = mu * buf + (1 - mu) * g
             update = g.lerp(buf, mu) if group["nesterov"] else buf
-            o = newton_schulz(update, steps=group["ns_steps"])
+            o = newton_schulz(update, steps=group["ns_steps"], sym_matmul=self.sym_matmul)
             scale = 0.2 * math.sqrt(max(p.shape))  # match AdamW's update RMS (~0.2)
             if wd:
                 p.mul_(1 - lr * wd)
@@ -213,7 +225,9 @@ def build_muon(model: nn.Module, cfg: dict) -> Muon:
          "name": "adamw_no_decay"},
     ]
     groups = [g for g in groups if g["params"]]
+    # A model built with kernels="triton" (and able to run them) carries the Triton ops.
+    ops = getattr(getattr(model, "module", model), "kernel_ops", None)  # .module: under DDP
     return Muon(
         groups, lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-        betas=(float(betas[0]), float(betas[1])), eps=eps,
+        betas=(float(betas[0]), float(betas[1])), eps=eps, sym_matmul=ops.sym_matmul if ops is not None else None,
     )
