@@ -124,6 +124,9 @@ BUILDERS: dict[str, tuple[Builder, Describer]] = {
     "eval_report": (build_eval_report, describe_eval_report),
     "data_stats": (build_data_stats, describe_data_stats),
 }
+# Dagster concurrency pools (limits live in the instance: dagster.yaml, profiles/): one trainer or
+# evaluator on the accelerator at a time, one writer of stats.duckdb.
+POOLS = {"checkpoint": "gpu", "eval_report": "gpu", "data_stats": "duckdb"}
 KINDS = {
     "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "rephrased": {"llm"},
     "ocr_queue": {"parquet"},
@@ -204,6 +207,7 @@ def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
         automation_condition=automation.condition_for(plan.kind, recipe.automation),
         kinds=KINDS[plan.kind],
         metadata={"foundry/kind": plan.kind},
+        pool=POOLS.get(plan.kind),
         check_specs=checks.specs_for(plan) or None,
     )
     def _asset(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
