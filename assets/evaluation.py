@@ -34,15 +34,19 @@ def build_eval_report(ctx: BuildContext) -> dict[str, Any]:
             heldout=spec.heldout,
             heldout_max_tokens=spec.heldout_max_tokens,
             seed=spec.seed,
+            num_fewshot=spec.num_fewshot,
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = result["rows"]
+    failed = result.get("failed") or {}  # task -> error: a broken task is reported, the others kept
     write_eval_tables(ctx.out_dir, rows, result.get("details") or [])
-    atomic_write_json(ctx.out_dir / "report.json", {"rows": rows})
+    atomic_write_json(ctx.out_dir / "report.json", {"rows": rows, "failed": failed})
     for r in rows:
         ctx.log.info(f"{ctx.plan.label}: {r['task']} {r['metric']} = {r['value']:.4f} (n={r['n_items']})")
-    return {"rows": rows}
+    for task, error in failed.items():
+        ctx.log.error(f"{ctx.plan.label}: eval task {task} FAILED: {error}")
+    return {"rows": rows, "failed": failed} if failed else {"rows": rows}
 
 
 def write_eval_tables(out_dir: Path, rows: list[dict], details: list[dict]) -> None:
@@ -70,11 +74,16 @@ def describe_eval_report(manifest: Manifest) -> dict[str, Any]:
         f"| {r['task']} | {r.get('form', '')} | {r['metric']} | {r['value']:.4f} | {_stderr(r)} | {r['n_items']:,} |"
         for r in rows
     )
+    failed = manifest.counts.get("failed") or {}
+    if failed:
+        table += "".join(f"\n| {task} | | FAILED | | | 0 |" for task in failed)
     meta: dict[str, Any] = {
         "scores": MetadataValue.md(
             "| task | form | metric | value | stderr | items |\n|---|---|---|---:|---:|---:|\n" + table
         )
     }
+    if failed:
+        meta["failed_tasks"] = MetadataValue.md("\n".join(f"- **{t}**: {e}" for t, e in failed.items()))
     for r in rows:
         meta[f"{r['task']}/{r['metric']}"] = float(r["value"])
     return meta

@@ -15,8 +15,14 @@ Scoring of one (context, continuation) request:
   * log P(continuation | context) is the sum of the continuation tokens' log-probs.
 Partial scoring (WinoGrande): a doc whose ``specific["contexts"]`` is set scores choice i as
 the (shared) continuation ``choices[i]`` after the context ``contexts[i]``.
-Requests are sorted by length and run in right-padded batches (padding on the right of a
-causal model cannot change the positions that are scored).
+Batching (``FoundryModelConfig.shared_prefix``):
+  * True (default): the requests of one item (its choices) are packed into one prefix tree
+    and run as one sequence under a tree attention mask, so a shared context is computed once
+    (``evaluation.shared_prefix``); trees are sorted by size and run in padded batches.
+  * False: the naive path, kept for comparison: every request is its own row; rows are sorted
+    by length and run in right-padded batches (padding on the right of a causal model cannot
+    change the positions that are scored).
+Both give the same scores up to float rounding (tests/test_eval_batching.py).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from lighteval.tasks.prompt_manager import PromptManager
 from lighteval.tasks.requests import Doc, SamplingMethod
 from lighteval.utils.cache_management import SampleCache, cached
 
+from evaluation.shared_prefix import pack_groups, score_rows, supports_tree
+
 logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -49,6 +57,7 @@ class FoundryModelConfig(LightevalModelConfig):
     batch_size: int = 32
     max_length: int = 0
     prepend_eos: bool = True
+    shared_prefix: bool = True  # False: the naive one-row-per-request path (benchmarks compare both)
 
 
 @dataclass
@@ -112,9 +121,8 @@ class FoundryLightevalModel(LightevalModel):
         return ctx, self.encode(continuation)
 
     # --- scoring ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def score_requests(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool, int]]:
-        """(context ids, continuation ids) -> (sum log-prob of continuation, greedy?, tokens truncated)."""
+    def _prepare(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], int, int]]:
+        """(context ids, continuation ids) -> (sequence cut to the window, tokens scored, tokens cut)."""
         window = self.max_length + 1  # tokens in a window: max_length inputs predict max_length targets
         prepared = []
         for ctx, cont in pairs:
@@ -127,7 +135,29 @@ class FoundryLightevalModel(LightevalModel):
             seq = seq[truncated:]
             n_cont = min(len(cont), len(seq) - 1)
             prepared.append((seq, n_cont, truncated))
+        return prepared
 
+    def score_requests(
+        self, pairs: list[tuple[list[int], list[int]]], groups: list[list[int]] | None = None
+    ) -> list[tuple[float, bool, int]]:
+        """(context ids, continuation ids) -> (sum log-prob of continuation, greedy?, tokens truncated).
+
+        groups: lists of request indices that may share a prefix tree (one item's choices);
+        None = every request alone. Ignored on the naive path (``shared_prefix=False``)."""
+        prepared = self._prepare(pairs)
+        if not self.config.shared_prefix or not supports_tree(self.model):
+            return self._score_naive(prepared)
+        if groups is None:
+            groups = [[i] for i in range(len(prepared))]
+        covered = sorted(i for g in groups for i in g)
+        if covered != list(range(len(prepared))):
+            raise ValueError("groups must hold every request index exactly once")
+        rows = pack_groups([[(i, prepared[i][0], prepared[i][1]) for i in g] for g in groups], self.max_length)
+        scores = score_rows(self.model, rows, self.config.batch_size, len(prepared))
+        return [(lp, greedy, p[2]) for (lp, greedy), p in zip(scores, prepared, strict=True)]
+
+    @torch.inference_mode()
+    def _score_naive(self, prepared: list[tuple[list[int], int, int]]) -> list[tuple[float, bool, int]]:
         results: list[tuple[float, bool, int] | None] = [None] * len(prepared)
         order = sorted(range(len(prepared)), key=lambda i: -len(prepared[i][0]))
         device = self.device
@@ -158,8 +188,14 @@ class FoundryLightevalModel(LightevalModel):
 
     @cached(SamplingMethod.LOGPROBS)
     def loglikelihood(self, docs: list[Doc]) -> list[ModelResponse]:
+        return self.score_docs(docs)
+
+    def score_docs(self, docs: list[Doc]) -> list[ModelResponse]:
+        """One ModelResponse per doc (its choices' log-likelihoods), without lighteval's cache."""
         requests: list[_Request] = []
+        groups: list[list[int]] = []  # one item's requests: candidates for one prefix tree
         for d, doc in enumerate(docs):
+            groups.append([])
             partial = (doc.specific or {}).get("contexts")
             if partial:  # partial scoring: choice c is context c, the continuation is shared
                 if len(partial) != len(doc.choices):
@@ -169,8 +205,9 @@ class FoundryLightevalModel(LightevalModel):
                 contexts = [self.context_for(doc)] * len(doc.choices)
             for c, (context, choice) in enumerate(zip(contexts, doc.choices, strict=True)):
                 ctx, cont = self.encode_pair(context, choice)
+                groups[-1].append(len(requests))
                 requests.append(_Request(d, c, ctx, cont))
-        scores = self.score_requests([(r.context, r.continuation) for r in requests])
+        scores = self.score_requests([(r.context, r.continuation) for r in requests], groups)
 
         per_doc: list[list[tuple[_Request, tuple[float, bool, int]]]] = [[] for _ in docs]
         for req, score in zip(requests, scores, strict=True):

@@ -87,31 +87,40 @@ def run_lighteval(
     seed: int = 0,
     batch_size: int = 32,
     lighteval_model=None,
-) -> tuple[list[dict], list[dict]]:
-    """Run the cloze tasks through lighteval's Pipeline. Returns (metric rows, per-item rows).
+    num_fewshot: int = 0,
+) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """Run the tasks through lighteval's Pipeline. Returns (metric rows, per-item rows, failed).
 
+    ``failed`` maps a task that could not be evaluated (unreadable, malformed or empty data,
+    or an error while running it) to its error message; the other tasks are still reported.
+    Unknown task names raise at once (a recipe error), and so does a run where every task fails.
     ``lighteval_model`` overrides the wrapper built from model/tokenizer (tests use it).
     """
     set_offline_env()
     specs = check_tasks(tasks)
-    import numpy as np
     import torch
 
     # lighteval's transformers backend calls torch.set_grad_enabled(False) at import time;
     # restore the caller's mode so nothing trained later in this process silently breaks.
     grad_mode = torch.is_grad_enabled()
     try:
-        from lighteval.logging.evaluation_tracker import EvaluationTracker
-        from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+        import lighteval.pipeline  # noqa: F401
     finally:
         torch.set_grad_enabled(grad_mode)
 
     from evaluation.lighteval_model import FoundryLightevalModel, FoundryModelConfig
-    from evaluation.offline_registry import custom_tasks_only, make_tasks_module
-    from evaluation.tasks import build_task_configs, lighteval_name
+    from evaluation.tasks import build_task_config, lighteval_name, prepare_task_dataset
 
     work_dir = Path(work_dir)
-    configs = build_task_configs(tasks, data_root, work_dir / "datasets", max_items, seed)
+    configs: dict[str, object] = {}
+    failed: dict[str, str] = {}
+    for spec in specs:
+        try:
+            folder = prepare_task_dataset(spec, data_root, work_dir / "datasets", max_items, seed, num_fewshot)
+            configs[spec.name] = build_task_config(spec, folder)
+        except (ValueError, OSError) as e:  # messages name the task and the file
+            failed[spec.name] = str(e)
+            logger.error("eval task %s failed: %s", spec.name, e)
     if lighteval_model is None:
         lighteval_model = FoundryLightevalModel(
             model,
@@ -124,34 +133,32 @@ def run_lighteval(
             ),
         )
 
-    # lighteval reseeds the global random / numpy RNGs; do not leak that into the caller.
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        tracker = EvaluationTracker(output_dir=str(work_dir / "lighteval_output"), save_details=True)
-        params = PipelineParameters(
-            launcher_type=ParallelismManager.NONE,
-            custom_tasks_directory=make_tasks_module(configs),  # Registry accepts a module object
-            max_samples=None,  # the prepared folders already hold exactly the selected items
-            dataset_loading_processes=1,
-        )
-        with custom_tasks_only():
-            pipeline = Pipeline(
-                tasks=",".join(f"{lighteval_name(t)}|0" for t in tasks),
-                pipeline_parameters=params,
-                evaluation_tracker=tracker,
-                model=lighteval_model,
-            )
-        pipeline.evaluate()
-        pipeline.save_and_push_results()
-        results = pipeline.get_results()["results"]
-        details = pipeline.get_details()
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_grad_enabled(grad_mode)
+    results: dict = {}
+    details: dict = {}
+    if configs:
+        try:
+            results, details = _run_pipeline(list(configs.values()), lighteval_model, work_dir)
+        except Exception as e:  # noqa: BLE001 - isolate the task at fault below
+            if len(configs) == 1:
+                (name,) = configs
+                failed[name] = f"{name}: {type(e).__name__}: {e}"
+            else:  # run each task alone, so one broken task does not sink the others
+                logger.warning("eval run of %d tasks failed (%s); retrying them one by one", len(configs), e)
+                for name, cfg in configs.items():
+                    try:
+                        r, d = _run_pipeline([cfg], lighteval_model, work_dir)
+                        results.update(r)
+                        details.update(d)
+                    except Exception as task_error:  # noqa: BLE001
+                        failed[name] = f"{name}: {type(task_error).__name__}: {task_error}"
+                        logger.error("eval task %s failed: %s", name, task_error)
+    if specs and len(failed) == len(specs):
+        raise RuntimeError("every eval task failed:\n" + "\n".join(f"  {m}" for m in failed.values()))
 
     rows, item_rows = [], []
     for spec in specs:
+        if spec.name in failed:
+            continue
         name = lighteval_name(spec.name)
         task_details = details.get(f"{name}|0", [])
         n = len(task_details)
@@ -168,7 +175,45 @@ def run_lighteval(
                 }
             )
         item_rows.extend(_details_rows(spec, task_details))
-    return rows, item_rows
+    return rows, item_rows, failed
+
+
+def _run_pipeline(configs: list, lighteval_model, work_dir: Path) -> tuple[dict, dict]:
+    """One lighteval Pipeline over these task configs: (results by "name:0", details by "name|0").
+
+    Few-shot examples are already in the prepared prompts, so lighteval runs every task 0-shot."""
+    import numpy as np
+    import torch
+    from lighteval.logging.evaluation_tracker import EvaluationTracker
+    from lighteval.pipeline import ParallelismManager, Pipeline, PipelineParameters
+
+    from evaluation.offline_registry import custom_tasks_only, make_tasks_module
+
+    grad_mode = torch.is_grad_enabled()
+    # lighteval reseeds the global random / numpy RNGs; do not leak that into the caller.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        tracker = EvaluationTracker(output_dir=str(work_dir / "lighteval_output"), save_details=True)
+        params = PipelineParameters(
+            launcher_type=ParallelismManager.NONE,
+            custom_tasks_directory=make_tasks_module(configs),  # Registry accepts a module object
+            max_samples=None,  # the prepared folders already hold exactly the selected items
+            dataset_loading_processes=1,
+        )
+        with custom_tasks_only():
+            pipeline = Pipeline(
+                tasks=",".join(f"{c.name}|0" for c in configs),
+                pipeline_parameters=params,
+                evaluation_tracker=tracker,
+                model=lighteval_model,
+            )
+        pipeline.evaluate()
+        pipeline.save_and_push_results()
+        return pipeline.get_results()["results"], pipeline.get_details()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_grad_enabled(grad_mode)
 
 
 def evaluate_checkpoint(
@@ -181,6 +226,7 @@ def evaluate_checkpoint(
     heldout: str | None = "wikitext2",
     heldout_max_tokens: int = 50_000,
     seed: int = 0,
+    num_fewshot: int = 0,
 ) -> dict:
     """Evaluate one checkpoint.
 
@@ -192,17 +238,21 @@ def evaluate_checkpoint(
       data_root: folder holding ``eval/`` and ``text/`` (e.g. /work/shared/data); read only.
       work_dir: scratch folder owned by the caller (prepared datasets, lighteval cache and output).
       heldout: a key of ``HELDOUT_SETS`` or None.
-      seed: selects the item subset.
+      seed: selects the item subset (and the few-shot examples).
+      num_fewshot: solved examples put before each prompt (see evaluation.tasks); 0 = zero-shot.
 
     Returns ``{"rows": [{"task", "form", "metric", "value", "stderr", "n_items"}, ...],
     "details": [{"task", "form", "item", "pred", "pred_norm", "gold", "correct", "correct_norm", "logprobs"}, ...],
-    "meta": {...}}``. Task rows have the metrics of ``TaskSpec.metrics`` ("acc", "acc_norm",
+    "failed": {task: error message}, "meta": {...}}``. A task whose data cannot be read or
+    whose run fails is left out of rows/details and listed in ``failed``; the others are kept. Task rows have the metrics of ``TaskSpec.metrics`` ("acc", "acc_norm",
     "acc_norm_token"; form "cloze" or "mc"); the held-out (form "heldout") row set has
     "loss" (nats/token) and "bits_per_byte", with n_items = tokens scored (stderr None).
     ``item`` is the 0-based row index in the task's source file.
     """
     tasks = list(tasks)
     check_tasks(tasks)  # fail fast, before any heavy import
+    if not isinstance(num_fewshot, int) or isinstance(num_fewshot, bool) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
     if heldout is not None and heldout not in HELDOUT_SETS:
         raise ValueError(f"unknown heldout set {heldout!r}; known: {', '.join(sorted(HELDOUT_SETS))}")
     heldout_path = None
@@ -229,10 +279,12 @@ def evaluate_checkpoint(
 
     rows: list[dict] = []
     item_rows: list[dict] = []
+    failed: dict[str, str] = {}
     if tasks:
         t0 = time.perf_counter()
-        task_rows, item_rows = run_lighteval(
-            model, tokenizer, tasks, max_items, data_root, work_dir, model_name, ckpt_id, seed=seed
+        task_rows, item_rows, failed = run_lighteval(
+            model, tokenizer, tasks, max_items, data_root, work_dir, model_name, ckpt_id, seed=seed,
+            num_fewshot=num_fewshot,
         )
         rows.extend(task_rows)
         timings["tasks"] = time.perf_counter() - t0
@@ -250,12 +302,14 @@ def evaluate_checkpoint(
     return {
         "rows": rows,
         "details": item_rows,
+        "failed": failed,
         "meta": {
             "model_name": model_name,
             "checkpoint_id": ckpt_id,
             "tasks": tasks,
             "max_items": max_items,
             "seed": seed,
+            "num_fewshot": num_fewshot,
             "heldout": heldout,
             "known_tasks": known_tasks(),
             "seconds": timings,

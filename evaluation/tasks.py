@@ -16,6 +16,19 @@ whether the last word is the model's greedy continuation.
 MC form: the choices are listed as ``A. text`` lines after the stem, followed by
 ``Answer:``; the continuations scored are `` A``, `` B``, ... (``acc`` only).
 
+Few-shot (``num_fewshot`` = k > 0): each scored item's prompt starts with k solved examples
+(``query`` + gold answer, blank-line separated, the plain-text layout of lighteval's
+PromptManager). The source files have no train/dev split, so the examples come from the
+task's items that are NOT scored in this run (the complement of the ``max_items`` selection);
+only when fewer than k such items exist (the whole file is scored) are they drawn from the
+other scored items, never the item itself. Each item's examples are drawn by a RNG seeded
+with (seed, item index), so they do not depend on which other items are scored, and a run
+is reproducible exactly. They are written into the prepared records (``fewshot_items``
+lists their source indices), so every backend sees the same prompt. lighteval's own
+sampler is not used: its seed is fixed (42) and tied to its shuffling of the eval docs, it
+does not exclude the scored item when the pool is the eval split (Doc ids differ by split),
+and it would render a partial-scoring example without its option.
+
 lighteval wants a dataset *folder*; the source files have assorted names and formats.
 ``prepare_task_dataset`` therefore writes the selected items, already normalised, to
 ``<cache_dir>/<task>-<digest>/test.jsonl``; the lighteval config points ``hf_repo`` at that
@@ -323,23 +336,59 @@ def select_indices(n_total: int, max_items: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_total), max_items))
 
 
+def example_text(record: dict) -> str:
+    """A solved example: the prompt followed by the gold answer (for partial scoring the gold
+    option's context followed by the shared continuation)."""
+    gold = record["gold"]
+    prompt = record["contexts"][gold] if record.get("contexts") else record["query"]
+    return prompt + record["choices"][gold]
+
+
+def fewshot_indices(n_total: int, scored: list[int], item: int, k: int, seed: int) -> list[int]:
+    """k example rows for scored row `item`: from the rows not scored if at least k exist,
+    else from every other row. Seeded by (seed, item) only."""
+    if k <= 0:
+        return []
+    scored_set = set(scored)
+    pool = [i for i in range(n_total) if i not in scored_set]
+    if len(pool) < k:
+        pool = [i for i in range(n_total) if i != item]
+    if len(pool) < k:
+        raise ValueError(f"num_fewshot {k} needs at least {k + 1} items; the task has {n_total}")
+    return random.Random(f"fewshot:{seed}:{item}").sample(pool, k)
+
+
+def with_fewshot(record: dict, examples: list[dict]) -> dict:
+    """The record with the examples put before its prompt (and before each partial context)."""
+    if not examples:
+        return record
+    block = "\n\n".join(example_text(e) for e in examples) + "\n\n"
+    out = dict(record, query=block + record["query"], fewshot_items=[int(e["source_index"]) for e in examples])
+    if record.get("contexts"):
+        out["contexts"] = [block + c for c in record["contexts"]]
+    return out
+
+
 def _source_identity(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def prepare_task_dataset(
-    spec: TaskSpec, data_root: Path, cache_dir: Path, max_items: int | None, seed: int = 0
+    spec: TaskSpec, data_root: Path, cache_dir: Path, max_items: int | None, seed: int = 0, num_fewshot: int = 0
 ) -> Path:
     """Write the selected items of a task to ``<cache_dir>/<name>-<digest>/test.jsonl``; return the folder.
 
     Reuses an existing folder with the same digest. Content depends only on the source file,
-    the spec, max_items and seed.
+    the spec, max_items, seed and num_fewshot (examples put before each prompt).
     """
+    if not isinstance(num_fewshot, int) or num_fewshot < 0:
+        raise ValueError(f"num_fewshot must be an integer >= 0, got {num_fewshot!r}")
     src = source_path(spec, data_root)
-    key = json.dumps(
-        [DATA_FORMAT_VERSION, spec.fingerprint(), _source_identity(src), max_items, seed], sort_keys=True
-    )
+    parts = [DATA_FORMAT_VERSION, spec.fingerprint(), _source_identity(src), max_items, seed]
+    if num_fewshot:  # left out at 0 so zero-shot folders keep their names
+        parts.append(num_fewshot)
+    key = json.dumps(parts, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = Path(cache_dir) / f"{lighteval_name(spec.name)}-{digest}"
     target = out / "test.jsonl"
@@ -347,7 +396,11 @@ def prepare_task_dataset(
         return out
 
     records = load_records(spec, data_root)
-    chosen = [records[i] for i in select_indices(len(records), max_items, seed)]
+    scored = select_indices(len(records), max_items, seed)
+    chosen = [
+        with_fewshot(records[i], [records[j] for j in fewshot_indices(len(records), scored, i, num_fewshot, seed)])
+        for i in scored
+    ]
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".test.jsonl.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -378,6 +431,8 @@ def cloze_prompt(line: dict, task_name: str | None = None):
     specific = {"source_index": int(line["source_index"])}
     if line.get("contexts"):
         specific["contexts"] = list(line["contexts"])
+    if line.get("fewshot_items"):
+        specific["fewshot_items"] = list(line["fewshot_items"])
     return Doc(
         task_name=task_name,
         query=line["query"],
@@ -429,8 +484,9 @@ def build_task_config(spec: TaskSpec, dataset_dir: Path):
 
 
 def build_task_configs(
-    names: list[str], data_root: Path, cache_dir: Path, max_items: int | None, seed: int = 0
+    names: list[str], data_root: Path, cache_dir: Path, max_items: int | None, seed: int = 0, num_fewshot: int = 0
 ) -> list:
     """LightevalTaskConfig per task name, each reading a freshly prepared local folder."""
     specs = check_tasks(names)
-    return [build_task_config(s, prepare_task_dataset(s, data_root, cache_dir, max_items, seed)) for s in specs]
+    return [build_task_config(s, prepare_task_dataset(s, data_root, cache_dir, max_items, seed, num_fewshot))
+            for s in specs]

@@ -165,8 +165,8 @@ def test_oracle_on_mc_form_through_pipeline(assets, tmp_path, oracle, expected):
     tasks = ["arc_easy:mc", "winogrande", "lambada"]
     lm = _fixed_model(assets, tmp_path, f"fixed-{oracle}", oracle)
     with no_network() as attempts:
-        rows, details = run_lighteval(None, None, tasks, N_ITEMS, DATA_ROOT, tmp_path, "x", lighteval_model=lm)
-    assert attempts == []
+        rows, details, failed = run_lighteval(None, None, tasks, N_ITEMS, DATA_ROOT, tmp_path, "x", lighteval_model=lm)
+    assert attempts == [] and failed == {}
     assert {(r["task"], r["form"], r["metric"]) for r in rows} == {
         ("arc_easy:mc", "mc", "acc"), ("lambada", "cloze", "acc"),
         ("winogrande", "cloze", "acc"), ("winogrande", "cloze", "acc_norm"), ("winogrande", "cloze", "acc_norm_token"),
@@ -265,3 +265,191 @@ def test_eval_items_view_with_old_and_new_outputs(tmp_path, suite_run):
     # no outputs at all: the views exist, typed and empty
     empty = view_sql(store, [])
     assert "correct_norm" in empty["eval_items"] and "form" in empty["evals"]
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+def test_fewshot_examples_come_from_unscored_items_and_are_reproducible(tmp_path):
+    from evaluation.tasks import example_text
+
+    spec = TASK_SPECS["arc_easy"]
+    records = load_records(spec, DATA_ROOT)
+    a = prepare_task_dataset(spec, DATA_ROOT, tmp_path / "a", max_items=6, seed=0, num_fewshot=3)
+    b = prepare_task_dataset(spec, DATA_ROOT, tmp_path / "b", max_items=6, seed=0, num_fewshot=3)
+    zero = prepare_task_dataset(spec, DATA_ROOT, tmp_path / "a", max_items=6, seed=0)
+    other_seed = prepare_task_dataset(spec, DATA_ROOT, tmp_path / "a", max_items=6, seed=1, num_fewshot=3)
+    assert (a / "test.jsonl").read_bytes() == (b / "test.jsonl").read_bytes()
+    read = lambda d: [json.loads(x) for x in (d / "test.jsonl").read_text().splitlines()]  # noqa: E731
+    rows, zero_rows = read(a), read(zero)
+    scored = [r["source_index"] for r in rows]
+    assert scored == [r["source_index"] for r in zero_rows]  # few-shot does not change which items are scored
+    for r, z in zip(rows, zero_rows):
+        shots = r["fewshot_items"]
+        assert len(shots) == len(set(shots)) == 3 and not set(shots) & set(scored)
+        expected = "\n\n".join(example_text(records[j]) for j in shots) + "\n\n" + z["query"]
+        assert r["query"] == expected and r["choices"] == z["choices"] and r["gold"] == z["gold"]
+        assert records[shots[0]]["choices"][records[shots[0]]["gold"]] in r["query"]  # the gold answer is shown
+    assert [r["fewshot_items"] for r in read(other_seed)] != [r["fewshot_items"] for r in rows]
+
+
+def test_fewshot_partial_scoring_and_whole_file_fallback(tmp_path):
+    wino = TASK_SPECS["winogrande"]
+    records = load_records(wino, DATA_ROOT)
+    d = prepare_task_dataset(wino, DATA_ROOT, tmp_path, max_items=3, seed=0, num_fewshot=2)
+    for r in [json.loads(x) for x in (d / "test.jsonl").read_text().splitlines()]:
+        ex = [records[j] for j in r["fewshot_items"]]
+        block = "".join(f"{e['contexts'][e['gold']]}{e['choices'][0]}\n\n" for e in ex)  # gold option + rest
+        src = records[r["source_index"]]
+        assert r["contexts"] == [block + c for c in src["contexts"]]
+        assert r["query"] == block + src["query"]
+    # COPA scored whole: no unscored items exist, so examples are other items, never the item itself
+    copa = TASK_SPECS["copa"]
+    d = prepare_task_dataset(copa, DATA_ROOT, tmp_path, max_items=None, seed=0, num_fewshot=4)
+    rows = [json.loads(x) for x in (d / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 100
+    assert all(len(r["fewshot_items"]) == 4 and r["source_index"] not in r["fewshot_items"] for r in rows)
+    with pytest.raises(ValueError, match="num_fewshot"):
+        prepare_task_dataset(copa, DATA_ROOT, tmp_path, max_items=None, seed=0, num_fewshot=-1)
+
+
+def _recording_model(assets, work_dir: Path, name: str, broken_task: str | None = None):  # noqa: F811
+    """Scores the gold choice 0, records every prompt it is asked about, and fails on broken_task."""
+    from lighteval.models.model_output import ModelResponse
+    from lighteval.tasks.requests import SamplingMethod
+    from lighteval.utils.cache_management import cached
+
+    from evaluation.lighteval_model import FoundryLightevalModel, FoundryModelConfig
+
+    class Recording(FoundryLightevalModel):
+        prompts: dict = {}
+
+        @cached(SamplingMethod.LOGPROBS)
+        def loglikelihood(self, docs):
+            out = []
+            for doc in docs:
+                if broken_task and doc.task_name.startswith(broken_task):
+                    raise RuntimeError(f"model cannot score {doc.task_name}")
+                self.prompts[(doc.task_name, doc.specific["source_index"])] = self.context_for(doc)
+                good = [i == doc.gold_index for i in range(len(doc.choices))]
+                out.append(ModelResponse(logprobs=[0.0 if g else -10.0 for g in good], argmax_logits_eq_gold=good,
+                                         output_tokens=[[1]] * len(doc.choices)))
+            return out
+
+    lm = Recording(assets["model"], assets["tok"], FoundryModelConfig(model_name=name, cache_dir=str(work_dir / "c")))
+    lm.prompts = {}
+    return lm
+
+
+def test_fewshot_prompts_through_lighteval_are_identical_across_runs(assets, tmp_path):  # noqa: F811
+    from evaluation.run import run_lighteval
+
+    records = load_records(TASK_SPECS["arc_easy"], DATA_ROOT)
+    prompts = []
+    for run in ("one", "two"):
+        lm = _recording_model(assets, tmp_path / run, f"rec-{run}")
+        rows, details, failed = run_lighteval(None, None, ["arc_easy"], 5, DATA_ROOT, tmp_path / run, run,
+                                              lighteval_model=lm, num_fewshot=2)
+        assert failed == {} and rows[0]["value"] == 1.0 and len(details) == 5
+        prompts.append(lm.prompts)
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 5
+    scored = {item for _, item in prompts[0]}
+    for (_, item), prompt in prompts[0].items():
+        parts = prompt.split("\n\n")
+        assert len(parts) == 3  # two solved examples, then the question
+        assert parts[-1] == records[item]["query"]
+        for part in parts[:2]:
+            shot = next(r for r in records if part.startswith(r["query"]))
+            assert shot["source_index"] not in scored and part == shot["query"] + shot["choices"][shot["gold"]]
+
+
+def test_recipe_num_fewshot_stays_out_of_the_hash_at_zero():
+    from pydantic import ValidationError
+
+    from assets.recipe import EvalSpec
+
+    assert "num_fewshot" not in EvalSpec().model_dump(mode="json")
+    assert EvalSpec(num_fewshot=5).model_dump(mode="json")["num_fewshot"] == 5
+    with pytest.raises(ValidationError, match="num_fewshot"):
+        EvalSpec(num_fewshot=-1)
+
+
+# --------------------------------------------------------------------------- broken tasks
+
+
+def _data_root_with(tmp_path: Path, broken: dict[str, str]) -> Path:
+    """A data root whose eval files link to the real ones, except `broken` (relative path -> content)."""
+    root = tmp_path / "data"
+    for src in (DATA_ROOT / "eval").rglob("*.json*"):
+        dst = root / src.relative_to(DATA_ROOT)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if str(src.relative_to(DATA_ROOT)) in broken:
+            dst.write_text(broken[str(src.relative_to(DATA_ROOT))])
+        else:
+            dst.symlink_to(src)
+    return root
+
+
+def test_broken_tasks_are_marked_failed_and_the_rest_reported(assets, tmp_path):  # noqa: F811
+    from evaluation.run import run_lighteval
+
+    root = _data_root_with(tmp_path, {
+        "eval/llmfoundry/copa.jsonl": '{"query": "Q", "choices": ["a", "b"], "gold": 0}\n{"query": "Q"}\n',
+        "eval/llmfoundry/piqa.jsonl": "",  # an empty split
+        "eval/mmlu_redux/mmlu_redux_all.jsonl": json.dumps(  # every row filtered out: no items
+            {"subject": "x", "question": "q", "choices": ["a", "b"], "answer": 0, "error_type": "expert"}) + "\n",
+    })
+    lm = _recording_model(assets, tmp_path, "broken", broken_task="boolq")
+    tasks = ["arc_easy", "copa", "piqa", "mmlu_redux", "boolq", "winogrande"]
+    rows, details, failed = run_lighteval(None, None, tasks, 4, root, tmp_path / "w", "b", lighteval_model=lm)
+    assert set(failed) == {"copa", "piqa", "mmlu_redux", "boolq"}
+    assert "copa" in failed["copa"] and "copa.jsonl: row 1 is malformed" in failed["copa"]
+    assert "piqa" in failed["piqa"] and "piqa.jsonl holds no items" in failed["piqa"]
+    assert "mmlu_redux_all.jsonl holds no items" in failed["mmlu_redux"]
+    assert failed["boolq"].startswith("boolq: RuntimeError: model cannot score boolq")
+    assert {r["task"] for r in rows} == {d["task"] for d in details} == {"arc_easy", "winogrande"}
+    assert all(r["value"] == 1.0 and r["n_items"] == 4 for r in rows)
+
+    with pytest.raises(RuntimeError, match=r"every eval task failed:\n.*copa.*\n.*piqa"):
+        run_lighteval(None, None, ["copa", "piqa"], 4, root, tmp_path / "w2", "b2",
+                      lighteval_model=_recording_model(assets, tmp_path, "b2"))
+    with pytest.raises(ValueError, match="unknown eval task"):
+        run_lighteval(None, None, ["arc_easy", "nope"], 4, root, tmp_path / "w3", "b3", lighteval_model=lm)
+
+
+def test_eval_asset_passes_num_fewshot_and_reports_failed_tasks(tmp_path, monkeypatch):
+    """assets/evaluation.py: the recipe's num_fewshot reaches evaluate_checkpoint; a failed task
+    is kept in report.json, the manifest counts and the UI table, the others' rows are written."""
+    from types import SimpleNamespace
+
+    import evaluation.run
+    from assets.evaluation import build_eval_report, describe_eval_report
+    from assets.recipe import EvalSpec
+    from assets.store import Manifest
+
+    seen = {}
+    row = {"task": "arc_easy", "form": "cloze", "metric": "acc", "value": 0.5, "stderr": 0.1, "n_items": 4}
+
+    def fake_evaluate(**kwargs):
+        seen.update(kwargs)
+        return {"rows": [row], "details": [], "failed": {"copa": "copa: copa.jsonl: row 1 is malformed"}}
+
+    monkeypatch.setattr(evaluation.run, "evaluate_checkpoint", fake_evaluate)
+    logged = []
+    out = tmp_path / "out"
+    out.mkdir()
+    ctx = SimpleNamespace(
+        plan=SimpleNamespace(context={"evals": EvalSpec(tasks=["arc_easy", "copa"], num_fewshot=3)}, label="r"),
+        upstream={"checkpoint": SimpleNamespace(dir=tmp_path / "ckpt"), "tokenizer": SimpleNamespace(dir=tmp_path)},
+        foundry=SimpleNamespace(data_path=lambda: DATA_ROOT), out_dir=out,
+        log=SimpleNamespace(info=logged.append, error=logged.append),
+    )
+    counts = build_eval_report(ctx)
+    assert seen["num_fewshot"] == 3 and seen["tasks"] == ["arc_easy", "copa"]
+    assert counts["failed"] == {"copa": "copa: copa.jsonl: row 1 is malformed"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["failed"] == counts["failed"] and report["rows"] == [row]
+    assert any("copa FAILED" in line for line in logged)
+    meta = describe_eval_report(Manifest("eval_report", "k", {}, counts, {}, 0.0, 0.0, out))
+    assert "| copa | | FAILED |" in meta["scores"].md_str and "row 1 is malformed" in meta["failed_tasks"].md_str
+    assert meta["arc_easy/acc"] == 0.5

@@ -219,9 +219,9 @@ def test_oracle_models_through_pipeline(assets, tmp_path, kind, expected):
         pick = lambda doc: (doc.gold_index + 1) % len(doc.choices)  # noqa: E731
     lm = _make_fixed_model(assets, tmp_path, kind, pick)
     with no_network() as attempts:
-        rows, details = run_lighteval(None, None, ["hellaswag", "arc_easy"], N_ITEMS, DATA_ROOT, tmp_path, kind,
-                                      lighteval_model=lm)
-    assert attempts == []
+        rows, details, failed = run_lighteval(None, None, ["hellaswag", "arc_easy"], N_ITEMS, DATA_ROOT, tmp_path,
+                                              kind, lighteval_model=lm)
+    assert attempts == [] and failed == {}
     assert {(r["task"], r["metric"]) for r in rows} == {
         (t, m) for t in ("hellaswag", "arc_easy") for m in ("acc", "acc_norm", "acc_norm_token")
     }
