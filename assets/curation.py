@@ -23,6 +23,7 @@ from dagster import MetadataValue
 
 from dataprep.curate import STEP_ORDER, run_curation, run_curation_per_file, useful_workers
 from dataprep.dedup import run_minhash_dedup
+from dataprep.progress import Progress
 
 from . import curation_report
 from .engine import BuildContext, read_json
@@ -72,13 +73,15 @@ def build_filtered(ctx: BuildContext, file: Path) -> dict[str, Any]:
         workers=useful_workers([file], ctx.foundry.workers, src.shards, src.limit),
         logs_dir=ctx.logs_dir,
         executor=ctx.foundry.executor_settings(),
+        progress=ctx.progress("curating"),
     )
     ctx.log.info(f"{ctx.plan.label}[{file.name}]: kept {counts['kept']:,} of {counts['documents']:,} documents; "
                  f"datatrove logs in {ctx.logs_dir}")
     return counts
 
 
-def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResource) -> list[str]:
+def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResource,
+                      progress: Progress | None = None) -> list[str]:
     """Build the store outputs of several file partitions in one datatrove run.
 
     Each partition run then finds its output (a cache hit) and records it; without this, every
@@ -96,14 +99,21 @@ def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResourc
                 todo.append((name, files[name], key))
     if len(todo) < 2:
         return []  # one file: its own run is as fast
-    paths = [path for _, path, _ in todo]
+    todo.sort(key=lambda t: t[2])  # claims taken in one order: two syncs never wait on each other in a cycle
     with contextlib.ExitStack() as stack:
+        for _, _, key in todo:
+            stack.enter_context(store.claim("filtered", key))
+        todo = [t for t in todo if store.lookup("filtered", t[2]) is None]  # a concurrent sync built some
+        if len(todo) < 2:
+            return []
+        paths = [path for _, path, _ in todo]
         builds = [stack.enter_context(store.build("filtered", key, spec=plan.spec)) for _, _, key in todo]
         counts = run_curation_per_file(
             paths, src.kind, src.text_key, src.id_key, src.limit, src.shards, src.curation.model_dump(mode="json"),
             out_dirs=[b.dir for b in builds], workers=useful_workers(paths, foundry.workers, src.shards * len(paths),
                                                                     None if src.limit is None else src.limit * len(paths)),
             logs_dir=store.root / "logs" / "filtered" / f"batch-{todo[0][2]}", executor=foundry.executor_settings(),
+            progress=progress,
         )
         for build, c in zip(builds, counts, strict=True):
             build.counts.update(c)

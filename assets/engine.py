@@ -2,7 +2,11 @@
 
     key = store_key(code_version, data versions of the inputs)
     hit  -> nothing is computed; the materialization is still recorded with cache: hit
-    miss -> the builder fills a temp dir that the store publishes atomically
+    miss -> claim the key (a concurrent sync building it makes this one wait, then hit), and
+            the builder fills a temp dir that the store publishes atomically
+
+Each build writes its events (start, progress, end or error) as JSON lines beside its run
+logs (`build_log`); progress also goes to the Dagster run log, which the terminal shows.
 
 The DataVersion reported to Dagster derives from the output files, so an identical rebuild
 leaves everything downstream fresh.
@@ -11,6 +15,7 @@ leaves everything downstream fresh.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,10 @@ from typing import Any
 
 from dagster import AssetExecutionContext, DataVersion, MaterializeResult, MetadataValue
 
+from dataprep.progress import Progress, Record, describe
+
 from . import checks, lineage
+from .build_log import BuildLog, build_log_path, scalar_counts
 from .identity import store_key
 from .plan import AssetPlan
 from .resources import FoundryResource
@@ -50,10 +58,24 @@ class BuildContext:
     foundry: FoundryResource
     dagster: AssetExecutionContext
     counts: dict[str, Any]
+    build_log: BuildLog | None = None
 
     @property
     def log(self):
         return self.dagster.log
+
+    def progress(self, what: str, total: int | None = None, unit: str = "documents") -> Progress:
+        """A meter for a long step: reports go to the Dagster run log (so the terminal) and the
+        build's JSON-lines log."""
+        label = self.plan.label
+
+        def report(record: Record) -> None:
+            self.log.info(f"{label}: {describe(record)}")
+            if self.build_log is not None:
+                self.build_log.write("progress", **{k: v for k, v in record.items() if k != "event"},
+                                     final=record["event"] == "done")
+
+        return Progress(what, total=total, report=report, unit=unit)
 
     @property
     def logs_dir(self) -> Path:
@@ -103,13 +125,19 @@ def materialize(
     manifest = store.lookup(plan.kind, key)
     cache = "hit"
     if manifest is None:
-        cache = "miss"
-        context.log.info(f"{plan.label}: building {plan.kind}/{key}")
-        with store.build(plan.kind, key, spec=plan.spec) as b:
-            ctx = BuildContext(plan, key, b.dir, upstream, foundry, context, b.counts)
-            b.counts.update(build(ctx) or {})
-        manifest = b.manifest
-    else:
+        log = BuildLog(build_log_path(store.root, plan.kind, key), asset=plan.label, kind=plan.kind, key=key,
+                       run_id=context.run_id)
+
+        def waiting() -> None:
+            context.log.info(f"{plan.label}: another process is building {plan.kind}/{key}; waiting for it")
+            log.write("wait")
+
+        with store.claim(plan.kind, key, on_wait=waiting):
+            manifest = store.lookup(plan.kind, key)  # a concurrent sync may have built it meanwhile
+            if manifest is None:
+                cache = "miss"
+                manifest = _build(context, foundry, plan, key, upstream, build, log, input_versions)
+    if cache == "hit":
         context.log.info(f"{plan.label}: cache hit {plan.kind}/{key}, nothing to compute")
     metadata: dict[str, Any] = {
         "cache": cache,
@@ -130,6 +158,23 @@ def materialize(
     metadata["blocking_checks_failed"] = MetadataValue.json(failed_blocking)
     return MaterializeResult(metadata=metadata, data_version=DataVersion(manifest.data_version),
                              check_results=check_results)
+
+
+def _build(context: AssetExecutionContext, foundry: FoundryResource, plan: AssetPlan, key: str,
+           upstream: dict[str, Upstream], build: Builder, log: BuildLog, input_versions: dict[str, str]) -> Manifest:
+    context.log.info(f"{plan.label}: building {plan.kind}/{key}")
+    log.write("start", inputs=dict(sorted(input_versions.items())))
+    t0 = time.monotonic()
+    try:
+        with foundry.store().build(plan.kind, key, spec=plan.spec) as b:
+            ctx = BuildContext(plan, key, b.dir, upstream, foundry, context, b.counts, build_log=log)
+            b.counts.update(build(ctx) or {})
+    except Exception as err:
+        log.write("error", seconds=round(time.monotonic() - t0, 3), error=f"{type(err).__name__}: {err}")
+        raise
+    log.write("end", seconds=round(time.monotonic() - t0, 3), bytes=b.manifest.total_bytes,
+              files=len(b.manifest.files), counts=scalar_counts(b.manifest.counts))
+    return b.manifest
 
 
 def read_json(path: Path) -> Any:

@@ -56,6 +56,19 @@ def latest_by_partition(instance: DagsterInstance, key: AssetKey, partitions: li
         cursor = result.cursor
 
 
+def of_run(instance: DagsterInstance, run_id: str) -> dict[tuple[AssetKey, str | None], Record]:
+    """What one run materialized, by (asset key, partition). Unlike `latest`, never another
+    process's materialization of the same asset (two syncs may run at once)."""
+    from dagster import DagsterEventType
+
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.ASSET_MATERIALIZATION).records
+    out = {}
+    for rec in records:
+        mat = rec.event_log_entry.asset_materialization
+        out[(mat.asset_key, mat.partition)] = _record(rec.event_log_entry)
+    return out
+
+
 def _record(event) -> Record:
     mat = event.asset_materialization
     meta = dict(mat.metadata)

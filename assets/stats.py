@@ -5,21 +5,33 @@ the recipe/source columns to add). Publishing it points `<store>/stats/recipes/<
 at it and rebuilds `<store>/stats.duckdb` from every recipe's pointer: built in a temp file
 under a lock and renamed into place, so readers never see a half-written database and
 concurrent writers never interleave.
+
+The database holds only views, so it is disposable: one DuckDB cannot open (garbage bytes, a
+truncated copy, a bad checksum) is rebuilt from the recipes' pointers and the Parquet files by
+`repair_database`, which `foundry sql` and `foundry sync` call.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from .engine import BuildContext, read_json
 from .store import Manifest, atomic_write_json
+
+if TYPE_CHECKING:  # engine imports Dagster (~3 s): `foundry sql` needs none of it
+    from .engine import BuildContext
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 STATS_DB = "stats.duckdb"
 
@@ -65,7 +77,7 @@ TABLES: dict[str, dict[str, Any]] = {
         "kind": "checkpoint", "file": "metrics.parquet",
         "columns": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE", "grad_norm": "DOUBLE",
                     "tokens_per_s": "DOUBLE", "max_attn_logit": "DOUBLE", "moe_lb_loss": "DOUBLE",
-                    "moe_z_loss": "DOUBLE"},
+                    "moe_z_loss": "DOUBLE", "skipped": "BOOLEAN"},
     },
     "expert_load": {  # MoE checkpoints only: tokens routed per (layer, expert, source) per logging window
         "kind": "checkpoint", "file": "expert_load.parquet",
@@ -81,6 +93,10 @@ TABLES: dict[str, dict[str, Any]] = {
         "columns": {"task": "VARCHAR", "form": "VARCHAR", "item": "BIGINT", "pred": "BIGINT", "gold": "BIGINT",
                     "correct": "BOOLEAN", "correct_norm": "BOOLEAN"},
     },
+    "ablations": {  # one row per ablation run (variant x seed) and metric; `grid` is the ablation's name
+        "kind": "ablation_report", "file": "ablations.parquet",
+        "columns": {"grid": "VARCHAR", "variant": "VARCHAR", "seed": "BIGINT", "metric": "VARCHAR", "value": "DOUBLE"},
+    },
 }
 # producing kind -> its tables (an eval report feeds both evals and eval_items)
 KIND_TO_TABLES: dict[str, list[str]] = {}
@@ -89,7 +105,7 @@ for _name, _spec in TABLES.items():
 # tables whose rows carry no per-source column added here (mixture, rephrase and ocr_queue bring
 # their own)
 NO_SOURCE_TABLES = ("ocr_queue", "mixture", "rephrase", "contamination", "train_metrics", "expert_load", "evals",
-                    "eval_items")
+                    "eval_items", "ablations")
 
 
 def build_data_stats(ctx: BuildContext) -> dict[str, Any]:
@@ -193,11 +209,46 @@ def rebuild_database(store_root: Path) -> Path:
     return target
 
 
-def query(store_root: Path, sql: str) -> tuple[list[str], list[tuple]]:
-    """Run one read-only query against the stats database."""
+def _unreadable(db: Path) -> str | None:
+    """Why DuckDB cannot open the database, or None if it can."""
+    try:
+        con = duckdb.connect(str(db), read_only=True)
+    except duckdb.Error as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    con.close()
+    return None
+
+
+def repair_database(store_root: Path) -> str | None:
+    """Rebuild stats.duckdb if it exists but cannot be opened, or is gone while recipes point
+    at statistics. Returns what was wrong (None if nothing was)."""
+    db = store_root / STATS_DB
+    has_pointers = any((store_root / "stats" / "recipes").glob("*.json"))
+    if not db.exists() and not has_pointers:
+        return None
+    why = _unreadable(db) if db.exists() else "missing"
+    if why is None:
+        return None
+    with _locked(store_root / "stats" / ".lock"):
+        why = _unreadable(db) if db.exists() else "missing"
+        if why is None:
+            return None  # another process repaired it while this one waited
+        rebuild_database(store_root)
+    return f"{db} was unreadable ({why}); rebuilt it from the Parquet statistics"
+
+
+def _to_stderr(note: str) -> None:
+    print(note, file=sys.stderr, flush=True)
+
+
+def query(store_root: Path, sql: str, notice: Callable[[str], None] = _to_stderr) -> tuple[list[str], list[tuple]]:
+    """Run one read-only query against the stats database (repaired first if it is corrupt)."""
     db = store_root / STATS_DB
     if not db.is_file():
         raise FileNotFoundError(f"{db} does not exist yet: run `foundry sync` (or `foundry demo`) first")
+    note = repair_database(store_root)
+    if note:
+        notice(note)
     con = duckdb.connect(str(db), read_only=True)
     try:
         cur = con.execute(sql)

@@ -15,6 +15,10 @@ Sync registers new files as partitions and runs only the partitions that are not
 Staleness reaches a child only once the parent is rebuilt and reports a *new* data version,
 so sync works in rounds: build the stale assets whose inputs are all fresh, then look again.
 A rebuild that reproduces its old output stops the wave there.
+
+Sync first removes what killed builds left in the store (temp dirs of dead processes) and
+last repairs the stats database if it cannot be opened. Two syncs of one recipe may run at
+once: each output key is built by one of them while the other waits and then records a hit.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagster import AssetKey, DagsterInstance, Definitions
+
+from dataprep.progress import Progress, describe
 
 from . import lineage
 from .curation import prebuild_filtered
@@ -37,6 +43,7 @@ from .resources import FoundryResource
 from .settings import data_root, store_root
 from .shards import shard_key
 from .sources import fingerprint
+from .stats import repair_database
 from .store import ArtifactStore
 
 
@@ -188,6 +195,10 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
     report = SyncReport()
     job = defs.resolve_implicit_global_asset_job_def()
     touched: set[str] = set()
+    store = ArtifactStore(store_root())
+    leftovers = store.remove_abandoned()
+    if leftovers:
+        echo(f"removed {len(leftovers)} temp folder(s) of interrupted builds from {store.root}")
     for round_no in range(1, max_rounds + 1):
         states = compute_states(instance, recipes)
         todo = frontier(states)
@@ -218,6 +229,10 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
     if blocked and not report.error:
         report.error = "blocked by failed checks: " + "; ".join(f"{s.plan.label}: {s.reason}" for s in blocked)
         echo(f"✗ {report.error}")
+    if store.root.is_dir():
+        note = repair_database(store.root)
+        if note:
+            echo(note)
     all_labels = [p.label for ra in recipes for p in ra.plans.values()]
     report.untouched = [label for label in all_labels if label not in touched and label not in report.failed]
     report.seconds = time.time() - started
@@ -250,8 +265,9 @@ def _run_round(job, instance: DagsterInstance, states: dict[AssetKey, AssetState
     plain = [k for k in todo if not states[k].plan.partitions]
     if plain:
         result = _execute(job, instance, plain)
+        mine = lineage.of_run(instance, result.run_id)
         for key in plain:
-            _note(report, touched, states[key].plan.label, lineage.latest(instance, key), result.run_id, echo)
+            _note(report, touched, states[key].plan.label, mine.get((key, None)), result.run_id, echo)
         if report.failed:
             return _failure_message(result)
     for key in (k for k in todo if states[k].plan.partitions):
@@ -260,22 +276,36 @@ def _run_round(job, instance: DagsterInstance, states: dict[AssetKey, AssetState
         built: list[str] = []
         if len(names) > 1:
             t0 = time.time()
+            meter = Progress(f"{plan.label}: curating {len(names)} files", report=lambda r: echo(f"  {describe(r)}"))
             try:
-                built = prebuild_filtered(plan, names, FoundryResource())
+                built = prebuild_filtered(plan, names, FoundryResource(), progress=meter)
             except Exception as err:  # noqa: BLE001 - each partition's own run reports the error in detail
                 echo(f"  ! {plan.label}: batch build failed ({type(err).__name__}: {err}); building one by one")
             if built:
                 echo(f"  ⇶ {plan.label}: {len(built)} files curated in one datatrove run ({time.time() - t0:.1f}s)")
-        known = set(instance.get_dynamic_partitions(plan.partitions))
-        new = [n for n in names if n not in known]
-        if new:
-            instance.add_dynamic_partitions(plan.partitions, new)
+        _add_partitions(instance, plan.partitions, names)
         for name in names:
             result = _execute(job, instance, [key], partition=name)
-            rec = lineage.latest_by_partition(instance, key, [name]).get(name)
+            rec = lineage.of_run(instance, result.run_id).get((key, name))
             if not _note(report, touched, f"{plan.label}[{name}]", rec, result.run_id, echo, built=name in built):
                 return _failure_message(result)
     return None
+
+
+def _add_partitions(instance: DagsterInstance, partitions: str, names: list[str]) -> None:
+    """Register file partitions; another sync adding the same names at once is no error."""
+    for attempt in range(3):
+        known = set(instance.get_dynamic_partitions(partitions))
+        new = [n for n in names if n not in known]
+        if not new:
+            return
+        try:
+            instance.add_dynamic_partitions(partitions, new)
+            return
+        except Exception:  # noqa: BLE001 - a unique-index race with a concurrent sync: look again
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
 
 
 def _failure_message(result) -> str | None:

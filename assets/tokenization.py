@@ -47,7 +47,8 @@ def describe_tokenizer(manifest: Manifest) -> dict[str, Any]:
 def build_tokenized(ctx: BuildContext) -> dict[str, Any]:
     tok = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json")
     docs = iter_curated_docs(ctx.upstream["curated"].dir / "docs")
-    counts = tokenize_documents(docs, tok, ctx.out_dir)
+    meter = ctx.progress("tokenizing", total=ctx.upstream["curated"].manifest.counts.get("kept"))
+    counts = tokenize_documents(docs, tok, ctx.out_dir, progress=meter)
     pq.write_table(pa.table({"documents": [counts["documents"]], "tokens": [counts["tokens"]]}),
                    ctx.out_dir / "stats.parquet")
     ctx.log.info(f"{ctx.plan.label}: {counts['tokens']:,} tokens in {counts['documents']:,} documents")

@@ -20,7 +20,11 @@ the plain classes.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,7 @@ from datatrove.utils.batching import batched
 
 from .executors import ExecutorSettings, make_executor, run_executor
 from .fused_filters import FUSED_FILTERS, curation_path
+from .progress import Progress
 from .readers import CHARS_KEY, DROP_KEY, SHARD_KEY, SourceReader
 from .web import LANG_KEY, LANG_SCORE_KEY, STEP_KEY, Extracted, FastTextLanguageFilter, Formatted, OfflineURLFilter
 
@@ -142,6 +147,73 @@ class Judged(PipelineStep):
                     if excluded is not None:
                         excluded.write(doc, rank)
                 yield from batch
+
+
+class ProgressCounter(PipelineStep):
+    """Counts the documents that went through every step and writes its rank's count to
+    `<out_dir>/<rank>.json` about once a second, so the launching process can report progress
+    whichever process (or node) runs the task."""
+
+    name = "⏱ progress"
+    type = "📊 - STATS"
+
+    def __init__(self, out_dir: str, every: float = 1.0):
+        super().__init__()
+        self.out_dir = out_dir
+        self.every = every
+
+    def _write(self, rank: int, documents: int, finished: bool) -> None:
+        target = Path(self.out_dir) / f"{rank:05d}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"documents": documents, "finished": finished}))
+        os.replace(tmp, target)  # the reader sees the old count or the new one, never half a file
+
+    def run(self, data: Iterator[Document], rank: int = 0, world_size: int = 1) -> Iterator[Document]:
+        count, last = 0, time.monotonic()
+        for doc in data:
+            count += 1
+            if time.monotonic() - last >= self.every:
+                self._write(rank, count, False)
+                last = time.monotonic()
+            yield doc
+        self._write(rank, count, True)
+
+
+def read_progress(counts_dir: Path, tasks: int) -> tuple[int, float]:
+    """(documents counted so far over every task, share of tasks finished)."""
+    documents, finished = 0, 0
+    for path in counts_dir.glob("*.json"):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # replaced while reading: the next poll sees it
+        documents += int(data.get("documents", 0))
+        finished += bool(data.get("finished"))
+    return documents, finished / max(tasks, 1)
+
+
+@contextlib.contextmanager
+def watch_progress(progress: Progress | None, counts_dir: Path, tasks: int, poll_s: float = 1.0) -> Iterator[None]:
+    """While the body runs, feed `progress` from the ProgressCounter files; report the end."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(poll_s):
+            progress.update(*read_progress(counts_dir, tasks))
+
+    thread = threading.Thread(target=poll, name="curation-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    progress.update(*read_progress(counts_dir, tasks))
+    progress.finish()
 
 
 class DecisionSink(PipelineStep):
@@ -245,16 +317,19 @@ def run_curation(
     logs_dir: Path | None = None,
     executor: ExecutorSettings | None = None,
     path: str | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Curate one source into out_dir/{docs,decisions}; returns counts.
 
     datatrove's task logs and per-step stats go to logs_dir (default: beside out_dir, removed).
     `executor` picks where the tasks run (local processes by default; Slurm or Ray); `path`
     which quality filters (`fused` or `datatrove`, see curation_steps): neither changes the output.
+    `progress` is fed with the documents done so far (its total, if unset, from `limit`).
     """
     steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=out_dir / "excluded",
                            path=path)
-    _run_with_sinks(steps, out_dir, shards, workers, logs_dir, executor)
+    _expect(progress, files, limit)
+    _run_with_sinks(steps, out_dir, shards, workers, logs_dir, executor, progress)
     return merge_decisions(out_dir / "decisions", out_dir / "decisions.parquet")
 
 
@@ -271,6 +346,7 @@ def run_curation_per_file(
     logs_dir: Path | None = None,
     executor: ExecutorSettings | None = None,
     path: str | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Curate each file into its own out_dir, exactly as `run_curation([file], ...)` would, but
     in one datatrove run (one process pool for all files: ranks = files x shards)."""
@@ -280,8 +356,9 @@ def run_curation_per_file(
     shutil.rmtree(work, ignore_errors=True)
     steps = curation_steps(files, kind, text_key, id_key, limit, curation, excluded_dir=work / "excluded",
                            shards_per_file=shards, path=path)
+    _expect(progress, files, limit)
     try:
-        _run_with_sinks(steps, work, shards * len(files), workers, logs_dir, executor)
+        _run_with_sinks(steps, work, shards * len(files), workers, logs_dir, executor, progress)
         # rank r of the batch is shard r % shards of file r // shards: move each part home
         for part in sorted(p for p in work.rglob("*") if p.is_file()):
             rank = int(part.name.split(".")[0])
@@ -294,21 +371,30 @@ def run_curation_per_file(
     return [merge_decisions(out / "decisions", out / "decisions.parquet") for out in out_dirs]
 
 
+def _expect(progress: Progress | None, files: list[Path], limit: int | None) -> None:
+    if progress is not None and progress.total is None and limit is not None:
+        progress.total = limit * len(files)  # at most: a file may hold fewer documents than the limit
+
+
 def _run_with_sinks(steps: list[PipelineStep], out_dir: Path, tasks: int, workers: int, logs_dir: Path | None,
-                    executor: ExecutorSettings | None) -> None:
-    """Add the decision sink and the kept-documents writer, and run the pipeline."""
+                    executor: ExecutorSettings | None, progress: Progress | None = None) -> None:
+    """Add the progress counter, the decision sink and the kept-documents writer, and run the pipeline."""
+    keep_logs = logs_dir is not None
+    logs = Path(logs_dir) if keep_logs else out_dir.parent / f"{out_dir.name}.logs"
+    counts_dir = logs / "progress"
+    if progress is not None:
+        steps = [*steps, ProgressCounter(str(counts_dir))]
     steps = [*steps, DecisionSink(str(out_dir / "decisions"))]
     # Uncompressed output: gzip headers carry timestamps, which would make identical
     # content hash differently and wake up everything downstream.
     steps.append(
         JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl", compression=None, adapter=_adapter)
     )
-    keep_logs = logs_dir is not None
-    logs = Path(logs_dir) if keep_logs else out_dir.parent / f"{out_dir.name}.logs"
     if keep_logs:
         shutil.rmtree(logs, ignore_errors=True)  # a previous, interrupted attempt of this key
     settings = executor or ExecutorSettings()
-    run_executor(make_executor(steps, tasks, workers, str(logs), settings, job_name="curate"), settings)
+    with watch_progress(progress, counts_dir, tasks):
+        run_executor(make_executor(steps, tasks, workers, str(logs), settings, job_name="curate"), settings)
     if not keep_logs:
         shutil.rmtree(logs, ignore_errors=True)
 

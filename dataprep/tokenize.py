@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .progress import Progress
 from .readers import DROP_KEY, iter_records
 
 EOS = "<|endoftext|>"
@@ -94,9 +95,11 @@ def iter_curated_docs(docs_dir: Path) -> Iterator[dict]:
 
 
 def tokenize_documents(
-    docs: Iterable[dict], tokenizer: Tokenizer, out_dir: Path, batch_size: int = 256
+    docs: Iterable[dict], tokenizer: Tokenizer, out_dir: Path, batch_size: int = 256,
+    progress: Progress | None = None,
 ) -> dict[str, int]:
-    """Encode documents (batched, Rust-parallel) and write tokens/offsets/doc ids."""
+    """Encode documents (batched, Rust-parallel) and write tokens/offsets/doc ids.
+    `progress` is told the documents done after each batch, and finished at the end."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -116,6 +119,8 @@ def tokenize_documents(
             lengths.append(arr.size)
             ids.append(str(doc.get("id")))
         batch.clear()
+        if progress is not None:
+            progress.update(len(lengths))
 
     for doc in docs:
         batch.append(doc)
@@ -129,4 +134,6 @@ def tokenize_documents(
     np.save(out_dir / "tokens.npy", tokens)
     np.save(out_dir / "offsets.npy", offsets)
     pq.write_table(pa.table({"doc_id": ids, "tokens": lengths}), out_dir / "documents.parquet")
+    if progress is not None:
+        progress.finish()
     return {"documents": len(lengths), "tokens": int(tokens.size)}
