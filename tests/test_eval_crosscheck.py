@@ -6,8 +6,8 @@ batching) gives the same per-item log-likelihoods, predictions and accuracies.
 Conventions the two sides must share: contexts and continuations are tokenized separately
 (lighteval's ``pairwise_tokenization=True``) and the context starts with ``<|endoftext|>``. Foundry
 puts that EOS in front itself (``prepend_eos``); the HF side gets it as a BOS from the tokenizer's
-post-processor, which the test adds to the exported tokenizer (the export does not set one:
-``add_special_tokens=True`` would otherwise add nothing). Windows are long enough that nothing is
+post-processor, which the export sets (checked here: without it ``add_special_tokens=True`` would
+add nothing and the two sides would score different sequences). Windows are long enough that nothing is
 truncated, since the two backends cut overlong inputs differently.
 """
 
@@ -33,16 +33,6 @@ N_ITEMS = 8
 EOS = "<|endoftext|>"
 
 
-def _add_bos_post_processor(tokenizer_json: Path) -> None:
-    from tokenizers import Tokenizer, processors
-
-    tok = Tokenizer.from_file(str(tokenizer_json))
-    eos_id = tok.token_to_id(EOS)
-    tok.post_processor = processors.TemplateProcessing(single=f"{EOS} $A", pair=f"{EOS} $A $B",
-                                                       special_tokens=[(EOS, eos_id)])
-    tok.save(str(tokenizer_json))
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from training.checkpoint import save_checkpoint
@@ -60,7 +50,10 @@ def exported(tmp_path_factory):
                 p.normal_(0.0, 0.4)
     save_checkpoint(d / "ckpt", model)
     hf = export_hf(d / "ckpt", d / "hf", d / "tokenizer.json")
-    _add_bos_post_processor(hf / "tokenizer.json")
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(str(hf))
+    assert hf_tok("the cat").input_ids[0] == tok.token_to_id(EOS)  # the export's BOS rule
     return {"dir": d, "tok": tok, "ckpt": d / "ckpt", "hf": hf}
 
 

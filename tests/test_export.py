@@ -68,7 +68,10 @@ def test_tokenizer_ships_with_eos(tmp_path):
     out = export_hf(ckpt, tmp_path / "hf", _tokenizer(tmp_path))
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert tok.eos_token == "<|endoftext|>"
-    assert tok.decode(tok("the quick brown fox")["input_ids"]) == "the quick brown fox"
+    ids = tok("the quick brown fox")["input_ids"]
+    assert ids[0] == tok.eos_token_id  # documents were trained on after EOS: it leads as a BOS
+    assert tok.decode(ids, skip_special_tokens=True) == "the quick brown fox"
+    assert tok("the quick brown fox", add_special_tokens=False)["input_ids"] == ids[1:]
 
 
 def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path):

@@ -130,11 +130,18 @@ def hf_config(cfg: ModelConfig, eos_token_id: int | None, dtype: torch.dtype):
 
 
 def _save_tokenizer(tokenizer_json: Path, folder: Path) -> int | None:
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json))
-    eos_id = tok.convert_tokens_to_ids(EOS)
-    if eos_id is not None and eos_id != tok.unk_token_id:
+    raw = Tokenizer.from_file(str(tokenizer_json))
+    eos_id = raw.token_to_id(EOS)
+    if eos_id is not None:
+        # Every document was trained on after the EOS separator: encoding puts it in front, as a BOS
+        # (so `tokenizer(text)` and lighteval's transformers backend see what training saw).
+        raw.post_processor = processors.TemplateProcessing(
+            single=f"{EOS} $A", pair=f"{EOS} $A $B", special_tokens=[(EOS, eos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    if eos_id is not None:
         tok.eos_token = EOS
         tok.bos_token = EOS
     tok.save_pretrained(str(folder))
