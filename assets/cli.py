@@ -6,6 +6,7 @@
     foundry sql "QUERY" [--csv]          read-only query on the stats database
     foundry ui [--port N]                the Dagster UI on 127.0.0.1
     foundry export OUT [--recipe PATH]   the recipe's current checkpoint as a Hugging Face model folder
+    foundry compare FILE [--out DIR]     build an ablation's runs (what is missing) and print its report
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def _err(text: str) -> None:
 def _prepare(recipes: list[str] | None) -> None:
     if recipes:
         os.environ["FOUNDRY_RECIPES"] = os.pathsep.join(str(Path(r).resolve()) for r in recipes)
+        os.environ["FOUNDRY_ABLATIONS"] = ""  # --recipe names exactly what to load
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
@@ -44,12 +46,11 @@ def _prepare(recipes: list[str] | None) -> None:
 def _load(recipes: list[str] | None):
     """(definitions, recipe assets, instance) for the selected recipes."""
     _prepare(recipes)
-    from dagster import DagsterInstance
-
     from .definitions import build_definitions, load_all, recipe_paths
+    from .instance import open_instance  # one creator of a new instance at a time (two syncs may start at once)
 
     loaded = load_all(recipe_paths())
-    return build_definitions(loaded), loaded, DagsterInstance.get()
+    return build_definitions(loaded), loaded, open_instance()
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -115,7 +116,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _, loaded, instance = _load(args.recipe)
     if len(loaded) != 1:
-        _err(f"export: name one recipe with --recipe (loaded {len(loaded)}: {', '.join(ra.recipe.name for ra in loaded)})")
+        from .definitions import bundle_name
+
+        _err(f"export: name one recipe with --recipe (loaded {len(loaded)}: {', '.join(bundle_name(ra) for ra in loaded)})")
         return 2
     name = loaded[0].recipe.name
     store = ArtifactStore(store_root())
@@ -134,6 +137,51 @@ def cmd_export(args: argparse.Namespace) -> int:
         _err(f"export: {err}")
         return 1
     _err(f"exported {name}/checkpoint ({outputs['checkpoint'].name}) -> {out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """An ablation's report: sync its runs and report (cache hits where built), then print report.md."""
+    from .ablation import is_ablation_file
+    from .ablation_assets import AblationAssets, report_markdown
+    from .sync import compute_states, sync
+
+    path = Path(args.file)
+    if not is_ablation_file(path):
+        _err(f"compare: {path} is not an ablation file (it needs `base:` and `variants:` or `grid:`)")
+        return 2
+    defs, loaded, instance = _load([str(path)])
+    bundle = next(b for b in loaded if isinstance(b, AblationAssets))
+    plan = next(iter(bundle.plans.values()))
+    if not args.no_sync:
+        report = sync(defs, loaded, instance, echo=_err)
+        _err(f"compare: {len(report.ran)} ran, {len(report.cache_hit)} cache hits, "
+             f"{len(report.untouched)} untouched in {report.seconds:.1f}s")
+        if report.error:
+            _err(f"error: {report.error}")
+            return 1
+    else:
+        state = compute_states(instance, loaded)[plan.key]
+        if state.status != "fresh":
+            _err(f"compare: {plan.label} is {state.status} ({state.reason}); run without --no-sync to build it")
+            if state.record is None:
+                return 1
+    from . import lineage
+
+    rec = lineage.latest(instance, plan.key)
+    manifest = ArtifactStore(store_root()).lookup(plan.kind, rec.store_key) if rec and rec.store_key else None
+    if manifest is None:
+        _err(f"compare: {plan.label} has no output in {store_root()}")
+        return 1
+    print(report_markdown(manifest) if args.embed_images else (manifest.path / "report.md").read_text())
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in ("report.md", "report.json", "loss_curves.png"):
+            shutil.copyfile(manifest.path / name, out / name)
+        _err(f"compare: report.md, report.json and loss_curves.png written to {out}")
+    _err(f"compare: report in {manifest.path} (report.md, loss_curves.png); numbers: "
+         f"foundry sql \"select * from ablations where grid = '{bundle.name}'\"")
     return 0
 
 
@@ -228,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("compare", help="build an ablation (what is missing) and print its report")
+    p.add_argument("file", help="ablation file (base: + variants: and/or grid:, seeds:)")
+    p.add_argument("--out", metavar="DIR", help="also copy report.md, report.json and loss_curves.png here")
+    p.add_argument("--no-sync", action="store_true", help="build nothing: print the report as last built")
+    p.add_argument("--embed-images", action="store_true", help="inline the PNG as a data URI in the markdown")
+    p.set_defaults(func=cmd_compare)
     p = with_recipe(sub.add_parser("ui", help="the Dagster UI on 127.0.0.1"))
     p.add_argument("--port", type=int, default=3000)
     p.set_defaults(func=cmd_ui)

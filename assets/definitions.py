@@ -1,15 +1,22 @@
 """Dagster definitions for every recipe: `dagster dev -m assets.definitions`.
 
-Recipes come from $FOUNDRY_RECIPES (paths separated by ':') or else recipes/*.yaml.
+Recipes come from $FOUNDRY_RECIPES (paths separated by ':') or else recipes/*.yaml. An entry may
+also be an ablation file (it names a `base:` recipe): it adds one asset group per run and its
+report. Ablation files are added from $FOUNDRY_ABLATIONS (globs separated by ':', e.g.
+`ablations/*.yaml`); by default none are, since a grid trains many models and a plain
+`foundry sync` should not start them.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 from pathlib import Path
 
 from dagster import Definitions
 
+from .ablation import is_ablation_file
+from .ablation_assets import AblationAssets, ablation_bundles
 from .automation import automation_sensor
 from .console import compact_console
 from .factory import RecipeAssets, recipe_assets
@@ -20,20 +27,40 @@ from .settings import PROJECT_ROOT, configure_offline_environment, data_root
 
 def recipe_paths() -> list[Path]:
     env = os.environ.get("FOUNDRY_RECIPES")
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
+    paths = ([Path(p) for p in env.split(os.pathsep) if p] if env
+             else sorted((PROJECT_ROOT / "recipes").glob("*.yaml")))
+    return paths + [p for p in ablation_paths() if p not in paths]
 
 
-def load_all(paths: list[Path] | None = None) -> list[RecipeAssets]:
-    loaded: list[RecipeAssets] = []
-    seen: dict[str, Path] = {}
+def ablation_paths() -> list[Path]:
+    """Files matching $FOUNDRY_ABLATIONS (relative globs are taken in the project)."""
+    found: list[Path] = []
+    for pattern in (os.environ.get("FOUNDRY_ABLATIONS") or "").split(os.pathsep):
+        if pattern:
+            full = pattern if os.path.isabs(pattern) else str(PROJECT_ROOT / pattern)
+            found += [Path(p) for p in sorted(glob.glob(full))]
+    return list(dict.fromkeys(found))
+
+
+def bundle_name(bundle: RecipeAssets | AblationAssets) -> str:
+    return bundle.name if isinstance(bundle, AblationAssets) else bundle.recipe.name
+
+
+def load_all(paths: list[Path] | None = None) -> list[RecipeAssets | AblationAssets]:
+    """Recipes and ablations (their runs, then their report), with every asset group name unique."""
+    loaded: list[RecipeAssets | AblationAssets] = []
+    seen: dict[str, str] = {}
     for path in paths if paths is not None else recipe_paths():
-        recipe = load_recipe(path, data_root())
-        if recipe.name in seen:
-            raise RecipeError(f"{path}: recipe name '{recipe.name}' is already used by {seen[recipe.name]}")
-        seen[recipe.name] = path
-        loaded.append(recipe_assets(recipe, path))
+        if is_ablation_file(path):
+            bundles = ablation_bundles(path, data_root())
+        else:
+            bundles = [recipe_assets(load_recipe(path, data_root()), path)]
+        for bundle in bundles:
+            name = bundle_name(bundle)
+            if name in seen:
+                raise RecipeError(f"{path}: the name '{name}' is already used by {seen[name]}")
+            seen[name] = str(path)
+            loaded.append(bundle)
     return loaded
 
 

@@ -3,6 +3,8 @@
 Every section is a frozen pydantic model that forbids unknown keys, so a typo fails at load
 with the field path instead of being silently ignored. Sections that define an asset's
 output are hashed (see `identity.py`); paths and execution knobs are not part of them.
+A recipe file may `extends: base.yaml` and override keys (`read_recipe_chain`); ablation files
+(`ablation.py`) expand into recipes the same way.
 """
 
 from __future__ import annotations
@@ -575,6 +577,16 @@ class OptimizerSpec(Strict):
         return self.model_dump(mode="json", exclude=off)
 
 
+class SkipSpikesSpec(Strict):
+    """Skip the update of a step whose loss (or, with grad_norm_factor, gradient norm) exceeds
+    factor x the median of the last `window` applied steps; fail after max_skips (training.spikes)."""
+
+    factor: float = Field(3.0, gt=1)
+    window: int = Field(20, ge=1)
+    max_skips: int = Field(10, ge=0)
+    grad_norm_factor: float | None = Field(None, gt=1)
+
+
 class TrainingSpec(Strict):
     steps: int = Field(200, gt=0)
     batch_size: int = Field(8, gt=0)
@@ -584,10 +596,12 @@ class TrainingSpec(Strict):
     seed: int = 0
     log_every: int = Field(10, gt=0)
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
+    skip_spikes: SkipSpikesSpec | None = Field(None, description="loss-spike skipping; null = off")
 
     def hashed(self) -> dict[str, Any]:
-        """grad_accum_steps was added later: left out at 1, so older recipes keep their identity."""
-        return _dump_without_defaults(self, {"grad_accum_steps": 1})
+        """Fields added later are left out at their defaults (grad_accum_steps 1, skip_spikes off),
+        so older recipes keep their identity."""
+        return _dump_without_defaults(self, {"grad_accum_steps": 1, "skip_spikes": None})
 
 
 class EvalSpec(Strict):
@@ -597,6 +611,10 @@ class EvalSpec(Strict):
     heldout: Literal["wikitext2"] | None = "wikitext2"
     heldout_max_tokens: int = Field(50_000, gt=0)
     seed: int = 0
+    # Left out of the dump (so of the eval report's hash) at 0: zero-shot recipes keep their identity.
+    num_fewshot: int = Field(0, ge=0, le=25, exclude_if=lambda v: v == 0,
+                             description="solved examples before each prompt, drawn with `seed` from "
+                             "items not scored (evaluation.tasks)")
 
     @field_validator("tasks")
     @classmethod
@@ -703,7 +721,7 @@ class Recipe(Strict):
         return [s for s in self.corpora() if self.mixture.weights.get(s, 0) > 0]
 
 
-def _format_validation_error(origin: str, err: ValidationError) -> str:
+def _format_validation_error(origin: str, err: ValidationError, what: str = "recipe") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -712,7 +730,7 @@ def _format_validation_error(origin: str, err: ValidationError) -> str:
             msg = "unknown key"
         msg = msg.removeprefix("Value error, ")
         lines.append(f"  {loc}: {msg}")
-    return f"{origin}: invalid recipe\n" + "\n".join(lines)
+    return f"{origin}: invalid {what}\n" + "\n".join(lines)
 
 
 def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
@@ -725,17 +743,97 @@ def parse_recipe(data: Any, origin: str = "<recipe>") -> Recipe:
         raise RecipeError(_format_validation_error(origin, err)) from None
 
 
+# --- inheritance: `extends: other.yaml` and override sets (ablations) -------------------
+
+EXTENDS = "extends"
+# Mappings keyed by names the recipe itself chooses: there `name: null` in an override removes the
+# entry (a source, a rephrased corpus, a weight). Anywhere else null is a value, as in any recipe:
+# it turns a step off (`fineweb_quality: null`) or leaves a field unset.
+NAMED_MAPPINGS = (("sources",), ("rephrase",), ("mixture", "weights"), ("mixture", "max_epochs"))
+
+
+def merge_overrides(base: Any, override: Any, path: tuple = ()) -> Any:
+    """`base` with `override` on top: mappings merge key by key, lists and scalars replace.
+
+    Neither argument is modified; the result shares no containers with them.
+    """
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return copy.deepcopy(override)
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if value is None and path in NAMED_MAPPINGS:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge_overrides(merged[key], value, (*path, key))
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_yaml_mapping(path: Path, what: str = "a recipe") -> dict[str, Any]:
+    """A YAML file that must hold a mapping; errors name the file."""
+    if not path.is_file():
+        raise RecipeError(f"{path}: file not found")
+    try:
+        data = yaml.safe_load(path.read_text())  # safe: a tag can never construct a Python object
+    except yaml.constructor.ConstructorError as err:
+        raise RecipeError(f"{path}: not valid YAML for a recipe (tags that build Python objects are refused; "
+                          f"recipes load with yaml.safe_load): {err}") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: {what} must be a YAML mapping")
+    return data
+
+
+def read_recipe_chain(path: str | os.PathLike) -> tuple[dict[str, Any], list[Path]]:
+    """A recipe file's data with its `extends` chain merged in, and the chain (this file first).
+
+    `extends: base.yaml` is relative to the file that says it; the base may extend another.
+    The base need not be a complete recipe: only the merged result is validated.
+    """
+    chain: list[Path] = []
+    layers: list[dict[str, Any]] = []
+    current = Path(path)
+    while True:
+        if current.resolve() in [p.resolve() for p in chain]:
+            loop = " -> ".join(str(p) for p in [*chain, current])
+            raise RecipeError(f"{chain[-1]}: extends: cycle {loop}")
+        data = read_yaml_mapping(current)
+        chain.append(current)
+        parent = data.pop(EXTENDS, None)
+        layers.append(data)
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent.strip():
+            raise RecipeError(f"{current}: extends: give the path of one recipe file (relative to this file), "
+                              f"not {parent!r}")
+        target = Path(expand_vars(parent)).expanduser()
+        current = target if target.is_absolute() else current.parent / target
+        if not current.is_file():
+            raise RecipeError(f"{chain[-1]}: extends: file not found: {current}")
+    merged: dict[str, Any] = {}
+    for layer in reversed(layers):  # the root base first, this file last
+        merged = merge_overrides(merged, layer)
+    return merged, chain
+
+
+def chain_origin(chain: list[Path]) -> str:
+    """How errors name a recipe: the file, and what it extends."""
+    if len(chain) == 1:
+        return str(chain[0])
+    return f"{chain[0]} (extends {' -> '.join(str(p) for p in chain[1:])})"
+
+
 def load_recipe(path: str | os.PathLike, data_root: Path | None = None) -> Recipe:
-    """Load, validate and check a recipe file; fails before any work is done."""
+    """Load, validate and check a recipe file (with what it extends); fails before any work is done."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
-    recipe = parse_recipe(data, origin=str(path))
-    check_paths(recipe, origin=str(path), data_root=data_root)
+    data, chain = read_recipe_chain(path)
+    origin = chain_origin(chain)
+    recipe = parse_recipe(data, origin=origin)
+    check_paths(recipe, origin=origin, data_root=data_root)
     return recipe
 
 
