@@ -20,6 +20,16 @@ class FoundryResource(ConfigurableResource):
     data_root: str = Field(default_factory=lambda: str(settings.data_root()))
     workers: int = Field(default_factory=settings.workers, description="curation processes")
     train_threads: int = Field(default_factory=settings.workers, description="torch CPU threads")
+    checkpoint_every: int = Field(
+        default_factory=lambda: int(os.environ.get("FOUNDRY_CHECKPOINT_EVERY") or 50),
+        description="training saves a resumable checkpoint every N steps (0 = never); a killed build resumes "
+                    "from it (default: $FOUNDRY_CHECKPOINT_EVERY, else 50)",
+    )
+    train_nproc: int = Field(
+        default_factory=lambda: int(os.environ.get("FOUNDRY_TRAIN_NPROC") or 1),
+        description="training processes (torchrun, data parallel; the recipe's batch is split over them); "
+                    "default: $FOUNDRY_TRAIN_NPROC, else 1",
+    )
     executor: str = Field(
         default_factory=lambda: os.environ.get("FOUNDRY_EXECUTOR") or "local",
         description="datatrove executor: local, slurm or ray (default: $FOUNDRY_EXECUTOR, else local)",

@@ -1,15 +1,23 @@
 """checkpoint: `python -m training.train` launched through Dagster Pipes.
 
-The training loop lives in `training/` (plain PyTorch, no Dagster) and runs in a subprocess
-shaped for torchrun; this module writes its RUN.json, streams its per-step metrics back as
-Pipes messages, and publishes the checkpoint directory into the store.
+The training loop lives in `training/` (plain PyTorch, no Dagster) and runs in a subprocess, or
+under torchrun with FoundryResource.train_nproc > 1 (the recipe's batch split over the ranks, so
+the global batch and the identity stay the same); this module writes its RUN.json, streams its
+per-step metrics back as Pipes messages, and publishes the checkpoint directory into the store.
+
+Resumable checkpoints (every FoundryResource.checkpoint_every steps) go to
+`<store>/resume/checkpoint/<key>/`, outside the build's temp dir, which a killed build loses: the
+next build of the same key resumes from there (exactly: same losses and weights), and removes it
+once the output is complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -53,10 +61,41 @@ def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = No
             "schedule": t.schedule, "grad_clip": t.grad_clip, "seed": t.seed, "log_every": t.log_every,
             "threads": ctx.foundry.train_threads, **({"grad_accum_steps": t.grad_accum_steps}
                                                      if t.grad_accum_steps != 1 else {}),
+            **({"skip_spikes": t.skip_spikes.model_dump(mode="json")} if t.skip_spikes is not None else {}),
         },
         "data": {"mixture_dir": str(ctx.upstream["mixture"].dir)},
         "out_dir": str(ctx.out_dir),
     }
+
+
+RESUME_DIR = "resume"  # <store>/resume/<kind>/<key>/: resumable checkpoints of unfinished builds
+
+
+def with_execution_settings(config: dict[str, Any], *, nproc: int, checkpoint_every: int,
+                            resume_dir: Path) -> dict[str, Any]:
+    """RUN.json plus the execution knobs (none hashed): data-parallel ranks, checkpoint cadence
+    and where resumable checkpoints live. With nproc ranks each trains on batch_size / nproc
+    sequences per micro-batch, so the global batch is the recipe's."""
+    t = dict(config["training"])
+    if nproc < 1:
+        raise ValueError(f"train_nproc must be >= 1, got {nproc}")
+    if nproc > 1:
+        if t["batch_size"] % nproc:
+            raise ValueError(f"training.batch_size ({t['batch_size']}) must be divisible by the number of "
+                             f"training processes (train_nproc / FOUNDRY_TRAIN_NPROC = {nproc})")
+        t["batch_size"] //= nproc
+        if t.get("threads"):
+            t["threads"] = max(1, t["threads"] // nproc)
+    if checkpoint_every > 0:
+        t["checkpoint_every"] = checkpoint_every
+    return {**config, "training": t, "resume_dir": str(resume_dir)}
+
+
+def launch_command(run_file: Path, nproc: int) -> list[str]:
+    train = ["-m", "training.train", "--config", str(run_file)]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
 
 
 def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
@@ -65,11 +104,15 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     tokenizer = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json")
     vocab_size = tokenizer.get_vocab_size()
     run_file = ctx.out_dir.parent / f"{ctx.out_dir.name}.run.json"
-    atomic_write_json(run_file, run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)))
+    resume_dir = ctx.foundry.store().root / RESUME_DIR / ctx.plan.kind / ctx.key
+    nproc = ctx.foundry.train_nproc
+    config = with_execution_settings(run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)), nproc=nproc,
+                                     checkpoint_every=ctx.foundry.checkpoint_every, resume_dir=resume_dir)
+    atomic_write_json(run_file, config)
     try:
         try:
             invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
-                command=[sys.executable, "-m", "training.train", "--config", str(run_file)],
+                command=launch_command(run_file, nproc),
                 context=ctx.dagster,
                 env={"FOUNDRY_PARENT_PID": str(os.getpid())},
             )
@@ -87,6 +130,10 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     if not (ctx.out_dir / "summary.json").is_file():
         raise RuntimeError(f"{ctx.plan.label}: training finished without writing summary.json")
     summary = json.loads((ctx.out_dir / "summary.json").read_text()) | {k: v for k, v in summary.items() if k != "event"}
+    if summary.get("resumed_from_step"):
+        ctx.log.info(f"{ctx.plan.label}: training resumed at step {summary['resumed_from_step']} from the checkpoint "
+                     f"of an interrupted build")
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the output is complete: nothing left to resume
     keep = ("final_loss", "steps", "tokens", "seconds", "params", "active_params")
     return {k: summary[k] for k in keep if k in summary} | {
         "vocab_size": vocab_size

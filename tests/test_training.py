@@ -335,6 +335,7 @@ def test_train_main_end_to_end(tmp_path, capsys):
     table = pq.read_table(out / "metrics.parquet")
     assert table.column_names == [
         "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "max_attn_logit", "moe_lb_loss", "moe_z_loss",
+        "skipped",
     ]
     assert table.num_rows == 20
     m = table.to_pydict()

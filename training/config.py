@@ -1,9 +1,12 @@
 """RUN.json: the one file that describes a training run.
 
     {"model": {ModelConfig fields}, "optimizer": {"name": "adamw", ...},
-     "training": {TrainingConfig fields}, "data": {"mixture_dir": "/abs/mixture"}, "out_dir": "/abs/out"}
+     "training": {TrainingConfig fields}, "data": {"mixture_dir": "/abs/mixture"}, "out_dir": "/abs/out",
+     "resume_dir": "/abs/resume"}
 
-Relative paths are resolved against the directory holding RUN.json.
+Relative paths are resolved against the directory holding RUN.json. resume_dir (optional) is where
+resumable checkpoints go when training.checkpoint_every > 0 (default: out_dir/resume); a run that
+finds one there continues from it (training.resume).
 """
 
 from __future__ import annotations
@@ -14,6 +17,13 @@ from pathlib import Path
 
 from training.model import ModelConfig
 from training.optim import SCHEDULES
+from training.spikes import SpikePolicy
+
+# Added after the first runs: left out of to_dict() while at these defaults, so a config.json
+# of a run that does not use them looks as before.
+TRAINING_OPTIONAL_DEFAULTS = {"checkpoint_every": 0, "skip_spikes": None}
+# Execution knobs: a resumed run may change them (they do not change what is trained).
+EXECUTION_FIELDS = ("threads", "checkpoint_every")
 
 
 @dataclass
@@ -33,6 +43,11 @@ class TrainingConfig:
     # Micro-batches of batch_size sequences per optimizer step (gradient accumulation): a step
     # trains on batch_size * grad_accum_steps * world_size sequences.
     grad_accum_steps: int = 1
+    # Save a resumable checkpoint (weights, optimizer, RNG, data position) every N steps; 0 = never.
+    # An execution knob: with exact resume it changes nothing in the result.
+    checkpoint_every: int = 0
+    # Skip the update of loss-spike steps (training.spikes.SpikePolicy fields); None = off.
+    skip_spikes: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum_steps"):
@@ -49,6 +64,9 @@ class TrainingConfig:
             raise ValueError(f"training.grad_clip must be a number >= 0, got {self.grad_clip!r}")
         if self.peak_flops is not None and (not _is_number(self.peak_flops) or self.peak_flops <= 0):
             raise ValueError(f"training.peak_flops must be a positive number, got {self.peak_flops!r}")
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+        if self.skip_spikes is not None:
+            SpikePolicy.from_dict(self.skip_spikes)  # validate
         if not isinstance(self.device, str):
             raise ValueError(f"training.device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
 
@@ -70,15 +88,31 @@ class RunConfig:
     mixture_dir: Path
     out_dir: Path
     source: str  # where this config came from, for error messages
+    resume_dir: Path | None = None  # resumable checkpoints: written there, resumed from there
 
     def to_dict(self) -> dict:
-        return {
+        training = {f.name: getattr(self.training, f.name) for f in fields(TrainingConfig)}
+        training = {k: v for k, v in training.items()
+                    if k not in TRAINING_OPTIONAL_DEFAULTS or v != TRAINING_OPTIONAL_DEFAULTS[k]}
+        d = {
             "model": self.model.to_dict(),
             "optimizer": self.optimizer,
-            "training": {f.name: getattr(self.training, f.name) for f in fields(TrainingConfig)},
+            "training": training,
             "data": {"mixture_dir": str(self.mixture_dir)},
             "out_dir": str(self.out_dir),
         }
+        if self.resume_dir is not None:
+            d["resume_dir"] = str(self.resume_dir)
+        return d
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (for resuming): everything but paths of outputs and
+        execution knobs."""
+        d = self.to_dict()
+        d.pop("out_dir")
+        d.pop("resume_dir", None)
+        d["training"] = {k: v for k, v in d["training"].items() if k not in EXECUTION_FIELDS}
+        return d
 
 
 def _section(d: dict, key: str, source: str) -> dict:
@@ -98,7 +132,7 @@ def _check_keys(section: dict, allowed: set[str], where: str) -> None:
 def parse_run_config(d: dict, source: str = "<run config>", base_dir: Path | None = None) -> RunConfig:
     if not isinstance(d, dict):
         raise ValueError(f"{source}: expected a JSON object at the top level")
-    _check_keys(d, {"model", "optimizer", "training", "data", "out_dir"}, source)
+    _check_keys(d, {"model", "optimizer", "training", "data", "out_dir", "resume_dir"}, source)
 
     try:
         model = ModelConfig.from_dict(_section(d, "model", source))
@@ -131,7 +165,13 @@ def parse_run_config(d: dict, source: str = "<run config>", base_dir: Path | Non
         path = Path(p)
         return path if path.is_absolute() or base_dir is None else base_dir / path
 
-    return RunConfig(model, optimizer, training, resolve(data["mixture_dir"]), resolve(d["out_dir"]), source)
+    if d.get("resume_dir") is not None and not isinstance(d["resume_dir"], str):
+        raise ValueError(f"{source}: resume_dir must be a path string")
+    out_dir = resolve(d["out_dir"])
+    resume_dir = resolve(d["resume_dir"]) if d.get("resume_dir") else None
+    if resume_dir is None and training.checkpoint_every > 0:
+        resume_dir = out_dir / "resume"
+    return RunConfig(model, optimizer, training, resolve(data["mixture_dir"]), out_dir, source, resume_dir)
 
 
 def load_run_config(path: Path) -> RunConfig:

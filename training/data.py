@@ -253,7 +253,16 @@ class MixtureTokenStream:
         return self.next_batch()
 
     def state_dict(self) -> dict:
-        return {"windows_consumed": self.windows_consumed}
+        """The stream position, with the window layout it counts in (checked when loaded back)."""
+        return {"windows_consumed": self.windows_consumed, "windows_per_epoch": self.windows_per_epoch,
+                "window_len": self.window_len}
 
     def load_state_dict(self, state: dict) -> None:
+        # A position only means the same data over the same windows: refuse one from another layout.
+        for key in ("windows_per_epoch", "window_len"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"{self.mixture_dir}: saved stream position counts windows with {key}={state[key]}, "
+                    f"but this stream has {key}={getattr(self, key)} (another mixture or seq_len)"
+                )
         self.windows_consumed = int(state["windows_consumed"])

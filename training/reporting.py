@@ -89,5 +89,21 @@ class PipesReporter(Reporter):
 FAILURE_FILE = "FAILED.txt"
 
 
-def open_reporter() -> Reporter:
+class QuietReporter(Reporter):
+    """For ranks other than 0 under torchrun: rank 0 speaks for the job (one Pipes channel, one
+    set of JSON lines); errors still surface as exceptions on stderr."""
+
+    def log(self, message: str) -> None:
+        pass
+
+    def metrics(self, record: dict) -> None:
+        pass
+
+    def summary(self, summary: dict) -> None:
+        pass
+
+
+def open_reporter(rank: int = 0) -> Reporter:
+    if rank != 0:
+        return QuietReporter()
     return PipesReporter() if os.environ.get(PIPES_ENV_VAR) else StdoutReporter()

@@ -1,7 +1,4 @@
-"""Training entry point: ``python -m training.train --config RUN.json``.
-
-Single process for now, but laid out for torchrun: it reads RANK/WORLD_SIZE, the data stream
-already shards by rank, and only rank 0 would write outputs.
+"""Training entry point: ``python -m training.train --config RUN.json``, alone or under torchrun.
 
 Outputs in out_dir: model.safetensors + config.json (checkpoint), metrics.parquet (one row per
 step), for an MoE model expert_load.parquet (tokens routed to each layer, expert and mixture
@@ -12,6 +9,18 @@ A step accumulates gradients over training.grad_accum_steps micro-batches. With 
 load-balancing loss is global (moe_lb_scope = "global_batch") and several micro-batches, the step
 first counts every micro-batch's routing under no_grad (one extra forward per micro-batch), so
 each micro-batch's loss uses the whole step's expert loads (see training.moe).
+
+Resume: with training.checkpoint_every = N, every N steps the full training state goes to
+resume_dir (training.resume); a run that finds a checkpoint there continues from it and gives the
+same losses and weights as an uninterrupted run (bitwise on CPU with the same thread count).
+
+Data parallel: under ``torchrun --nproc_per_node=W`` each rank trains on its batch_size slice of
+a global batch of batch_size * W sequences per micro-batch (training.data), gradients are averaged
+by DDP once per step (no_sync on the other micro-batches), the logged loss is the global mean,
+and only rank 0 writes or reports.
+
+Loss spikes: with training.skip_spikes, a step whose loss jumps far above the recent median is not
+applied (training.spikes); metrics.parquet marks it in the `skipped` column.
 """
 
 from __future__ import annotations
@@ -28,15 +37,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from training import distributed, resume
 from training.atomic import atomic_path, write_json_atomic
 from training.checkpoint import save_checkpoint
 from training.config import RunConfig, load_run_config
 from training.data import MixtureTokenStream
+from training.distributed import World
 from training.model import Transformer, estimate_mfu
 from training.moe import ExpertLoad
 from training.optim import build_optimizer, lr_at, qk_clip_tau
 from training.qk_clip import apply_qk_clip
 from training.reporting import FAILURE_FILE, Reporter, open_reporter
+from training.spikes import SpikeGuard, SpikePolicy
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -51,6 +63,7 @@ METRICS_SCHEMA = pa.schema(
         # above is the language-model loss without them (their weighted sum is added in training).
         ("moe_lb_loss", pa.float64()),  # load balancing, 1.0 = perfectly balanced
         ("moe_z_loss", pa.float64()),  # router z-loss
+        ("skipped", pa.bool_()),  # the update was not applied (loss spike; training.skip_spikes)
     ]
 )
 
@@ -70,13 +83,6 @@ EXPERT_LOAD_SCHEMA = pa.schema(
 
 class TrainingDiverged(RuntimeError):
     """Loss or gradient norm became NaN/inf."""
-
-
-def _world() -> tuple[int, int]:
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        raise RuntimeError(f"multi-process training is not implemented yet (WORLD_SIZE={world_size}); run one process")
-    return rank, world_size
 
 
 def _seed_everything(seed: int) -> None:
@@ -123,16 +129,25 @@ def _launcher_watch():
     return lambda: os.getppid() == first
 
 
-def train(run: RunConfig, reporter: Reporter) -> dict:
+def train(run: RunConfig, reporter: Reporter, world: World | None = None) -> dict:
+    world = world or distributed.world_from_env()
     tc = run.training
-    rank, world_size = _world()
     if tc.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"{run.source}: training.device is {tc.device!r} but CUDA is not available")
+    device = distributed.start(world, tc.device)
+    try:
+        return _train(run, reporter, world, device)
+    finally:
+        distributed.stop()
+
+
+def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dict:
+    tc = run.training
     if tc.threads is not None:
         torch.set_num_threads(tc.threads)
     _seed_everything(tc.seed)
 
-    model = Transformer(run.model).to(tc.device)
+    model = Transformer(run.model).to(device)
     model.train()
     try:
         optimizer = build_optimizer(model, run.optimizer)
@@ -146,11 +161,13 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     peak_lr = optimizer.param_groups[0]["peak_lr"]
     model.track_max_logit = tau is not None  # the max logit costs one extra q.k per layer
     stream = MixtureTokenStream(
-        run.mixture_dir, tc.batch_size, tc.seq_len, rank=rank, world_size=world_size, vocab_size=run.model.vocab_size
+        run.mixture_dir, tc.batch_size, tc.seq_len, rank=world.rank, world_size=world.world_size,
+        vocab_size=run.model.vocab_size,
     )
+    guard = SpikeGuard(SpikePolicy.from_dict(tc.skip_spikes)) if tc.skip_spikes is not None else None
 
     n_micro = tc.grad_accum_steps
-    tokens_per_step = tc.batch_size * tc.seq_len * n_micro * world_size
+    tokens_per_step = tc.batch_size * tc.seq_len * n_micro * world.world_size
     n_params = model.num_params()
     flops_per_token = model.flops_per_token(tc.seq_len)
     moe = bool(model.moe_layers)
@@ -158,19 +175,37 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     count_first = moe and run.model.moe_lb_scope == "global_batch" and n_micro > 1
     expert_load = ExpertLoad([i for i, _ in model.moe_layers], run.model.moe_experts, stream.source_names) if moe else None
     active_note = f", {model.num_params(active=True) / 1e6:.2f}M active per token" if moe else ""
+    ranks_note = f" on {world.world_size} ranks" if world.parallel else ""
     reporter.log(
         f"model {n_params / 1e6:.2f}M params ({model.num_params(exclude_embeddings=True) / 1e6:.2f}M non-embedding"
         f"{active_note}); mixture {stream.total_tokens:,} tokens; {tc.steps} steps x {tokens_per_step:,} tokens "
-        f"({tc.steps * tc.batch_size * n_micro * world_size / stream.windows_per_epoch:.2f} epochs)"
+        f"({tc.steps * tc.batch_size * n_micro * world.world_size / stream.windows_per_epoch:.2f} epochs){ranks_note}"
     )
 
-    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
     records: list[dict] = []
     load_rows: list[dict] = []
+    start_step, seconds_before = 0, 0.0
+    ckpt = resume.latest(run.resume_dir)
+    if ckpt is not None:
+        state = resume.load(ckpt, model)
+        resume.check_same_run(state, {**run.identity(), "world_size": world.world_size}, ckpt, run.resume_dir)
+        optimizer.load_state_dict(state["optimizer"])
+        stream.load_state_dict(state["data"])
+        records, load_rows = list(state["metrics"]), list(state["expert_load_rows"])
+        if expert_load is not None and world.is_main:  # the window's counts, summed over ranks when saved
+            expert_load.counts.copy_(state["expert_load_counts"])
+        if guard is not None:
+            guard.load_state_dict(state["spikes"])
+        start_step, seconds_before = int(state["step"]), float(state["seconds"])
+        resume.restore_rng(state["rng"])  # last: everything above may draw from the generators
+        reporter.log(f"resuming from checkpoint {ckpt} at step {start_step}/{tc.steps}")
+    net = distributed.wrap(model, world, device, moe=moe)  # what the training forward goes through
+
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
     t_start = time.perf_counter()
     launcher_alive = _launcher_watch()
     torch.set_grad_enabled(True)  # an importer (e.g. lighteval) may have turned it off process-wide
-    for step in range(1, tc.steps + 1):
+    for step in range(start_step + 1, tc.steps + 1):
         if not launcher_alive():
             # The orchestrator died (e.g. SIGKILL): stop instead of writing into an abandoned dir.
             raise SystemExit(f"the launching process is gone; stopping at step {step}")
@@ -180,17 +215,17 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
             group["lr"] = lr if group["peak_lr"] == peak_lr else group["peak_lr"] * lr / peak_lr
 
         micro = [stream.next_batch_with_sources() for _ in range(n_micro)]  # (x, y, source) [B, T] each
-        counts = model.route_counts([x.to(tc.device) for x, _, _ in micro]) if count_first else None
+        counts = model.route_counts([x.to(device) for x, _, _ in micro]) if count_first else None
         optimizer.zero_grad(set_to_none=True)
         loss_value, lb_loss, z_loss = 0.0, 0.0, 0.0  # means over micro-batches; loss without MoE aux terms
         step_max: list[torch.Tensor] | None = None  # per layer [H] max attention logit over micro-batches
-        for x, y, source in micro:
-            x, y = x.to(tc.device), y.to(tc.device)
-            _, loss = model(x, y, moe_counts=counts)
+        for i, (x, y, source) in enumerate(micro):
+            x, y = x.to(device), y.to(device)
+            # DDP averages gradients over ranks on the step's last micro-batch only.
+            with distributed.maybe_no_sync(net, skip_sync=i < n_micro - 1):
+                _, loss = net(x, y, moe_counts=counts)
+                (loss / n_micro if n_micro > 1 else loss).backward()
             value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss became {value} at step {step} (lr {lr:.3g}); aborting the run")
-            (loss / n_micro if n_micro > 1 else loss).backward()
             if moe:
                 lb, z, weighted = torch.stack([model.moe_losses[k] for k in ("lb", "z", "weighted")]).tolist()
                 value -= weighted
@@ -199,14 +234,25 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
             loss_value += value / n_micro
             if model.track_max_logit:
                 step_max = _keep_step_max_logit(model, step_max)
+        if world.parallel:  # the global batch's figures, identical on every rank
+            loss_value, lb_loss, z_loss = distributed.mean_over_ranks([loss_value, lb_loss, z_loss], world, device)
+            if step_max is not None:
+                distributed.max_over_ranks_(step_max, world)
+        # Checked after the micro-batches (not before backward) so every rank stops at the same step.
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss became {loss_value} at step {step} (lr {lr:.3g}); aborting the run")
         layer_logits = model.max_attn_logits()  # per layer, over this step's forwards; None if untracked
 
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4f}); aborting the run")
-        optimizer.step()
-        if tau is not None:
-            apply_qk_clip(model, tau)
+        skip_reason = guard.check(step, loss_value, grad_norm) if guard is not None else None
+        if skip_reason is None:
+            optimizer.step()
+            if tau is not None:
+                apply_qk_clip(model, tau)
+        else:
+            reporter.log(f"step {step}: update skipped: {skip_reason} ({guard.skips} skipped so far)")
 
         dt = time.perf_counter() - t0
         record = {
@@ -219,6 +265,7 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
             "max_attn_logit": max(layer_logits) if layer_logits else None,
             "moe_lb_loss": lb_loss if moe else None,
             "moe_z_loss": z_loss if moe else None,
+            "skipped": skip_reason is not None,
         }
         records.append(record)
         if step % tc.log_every == 0 or step == 1 or step == tc.steps:
@@ -226,6 +273,7 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
             extra = {} if layer_logits is None else {"max_attn_logit_per_layer": layer_logits}
             moe_note = ""
             if moe:
+                distributed.sum_over_ranks_(expert_load.counts, world)
                 extra["moe_max_load"] = expert_load.max_load()
                 moe_note = f" | lb {lb_loss:.3f} z {z_loss:.3f} max_load {extra['moe_max_load']:.2f}"
                 load_rows += expert_load.flush(step)
@@ -234,17 +282,20 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
                 f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}{moe_note}{logit_note}"
             )
             reporter.metrics({**record, **extra})
+        if run.resume_dir is not None and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+            _save_resumable(run, world, step, model, optimizer, stream, records, load_rows, expert_load, guard,
+                            seconds_before + time.perf_counter() - t_start)
     seconds = time.perf_counter() - t_start
 
     tokens = tc.steps * tokens_per_step
-    tokens_per_s = tokens / seconds
+    tokens_per_s = (tc.steps - start_step) * tokens_per_step / seconds if seconds > 0 else 0.0  # this process's rate
     tail = records[-max(1, len(records) // 10) :]
     summary = {
         "final_loss": records[-1]["loss"],
         "final_loss_avg": sum(r["loss"] for r in tail) / len(tail),  # mean over the last 10% of steps
         "steps": tc.steps,
         "tokens": tokens,
-        "seconds": seconds,
+        "seconds": seconds_before + seconds,
         "tokens_per_s": tokens_per_s,
         "params": n_params,
         "flops_per_token": flops_per_token,
@@ -254,7 +305,13 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
     }
     if moe:
         summary["active_params"] = model.num_params(active=True)
-    if rank == 0:
+    if start_step:
+        summary["resumed_from_step"] = start_step
+    if guard is not None:
+        summary["skipped_steps"] = guard.skips
+    if world.parallel:
+        summary["world_size"] = world.world_size
+    if world.is_main:
         out = run.out_dir
         out.mkdir(parents=True, exist_ok=True)
         save_checkpoint(
@@ -274,9 +331,33 @@ def train(run: RunConfig, reporter: Reporter) -> dict:
         if moe:
             write_metrics(out / "expert_load.parquet", load_rows, EXPERT_LOAD_SCHEMA)
         write_json_atomic(out / "summary.json", summary)
+    distributed.barrier(world)  # no rank leaves (and tears the group down) before the outputs exist
     reporter.log(f"done: {tc.steps} steps, {tokens:,} tokens in {seconds:.1f}s, final loss {summary['final_loss']:.4f}")
     reporter.summary(summary)
     return summary
+
+
+def _save_resumable(run, world, step, model, optimizer, stream, records, load_rows, expert_load, guard, seconds) -> None:
+    """Rank 0 writes the full training state: replicas are identical after the step, and the RNG
+    state saved is rank 0's (training draws no random numbers after the model's initialisation)."""
+    window_counts = None
+    if expert_load is not None:  # the open logging window's counts, over all ranks
+        window_counts = expert_load.counts.clone()
+        distributed.sum_over_ranks_(window_counts, world)
+    if not world.is_main:
+        return
+    state = {
+        "run": {**run.identity(), "world_size": world.world_size},
+        "optimizer": optimizer.state_dict(),
+        "data": stream.state_dict(),
+        "rng": resume.capture_rng(),
+        "metrics": records,
+        "expert_load_rows": load_rows,
+        "expert_load_counts": window_counts.cpu() if window_counts is not None else None,
+        "spikes": guard.state_dict() if guard is not None else None,
+        "seconds": seconds,
+    }
+    resume.save(run.resume_dir, step, model, state, model_extra={"step": step})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -288,16 +369,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run training from the command line (or in-process from tests); returns the summary."""
     args = parse_args(argv)
+    world = distributed.world_from_env()
     # Open the reporter first so that config errors, too, reach Dagster as a reported exception.
-    with open_reporter() as reporter:
+    with open_reporter(world.rank) as reporter:
         run = load_run_config(args.config)
         try:
-            return train(run, reporter)
+            return train(run, reporter, world)
         except Exception as err:
             # One line the launcher can show as the cause, whatever channel carried the traceback.
-            failure = Path(run.out_dir) / FAILURE_FILE
-            failure.parent.mkdir(parents=True, exist_ok=True)
-            failure.write_text(f"{type(err).__name__}: {err}\n")
+            with atomic_path(Path(run.out_dir) / FAILURE_FILE) as tmp:
+                tmp.write_text(f"{type(err).__name__}: {err}\n")
             raise
 
 
