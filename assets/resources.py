@@ -30,6 +30,11 @@ class FoundryResource(ConfigurableResource):
         description="training processes (torchrun, data parallel; the recipe's batch is split over them); "
                     "default: $FOUNDRY_TRAIN_NPROC, else 1",
     )
+    kernels: str = Field(
+        default_factory=lambda: os.environ.get("FOUNDRY_KERNELS") or "reference",
+        description="training ops: reference (PyTorch) or triton (the fused kernels of kernels/, on a GPU; "
+                    "the reference runs where they cannot); default: $FOUNDRY_KERNELS, else reference",
+    )
     executor: str = Field(
         default_factory=lambda: os.environ.get("FOUNDRY_EXECUTOR") or "local",
         description="datatrove executor: local, slurm or ray (default: $FOUNDRY_EXECUTOR, else local)",

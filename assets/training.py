@@ -72,10 +72,15 @@ RESUME_DIR = "resume"  # <store>/resume/<kind>/<key>/: resumable checkpoints of 
 
 
 def with_execution_settings(config: dict[str, Any], *, nproc: int, checkpoint_every: int,
-                            resume_dir: Path) -> dict[str, Any]:
-    """RUN.json plus the execution knobs (none hashed): data-parallel ranks, checkpoint cadence
-    and where resumable checkpoints live. With nproc ranks each trains on batch_size / nproc
-    sequences per micro-batch, so the global batch is the recipe's."""
+                            resume_dir: Path, kernels: str = "reference") -> dict[str, Any]:
+    """RUN.json plus the execution knobs (none hashed): data-parallel ranks, checkpoint cadence,
+    where resumable checkpoints live and which ops run (ModelConfig.kernels). With nproc ranks each
+    trains on batch_size / nproc sequences per micro-batch, so the global batch is the recipe's."""
+    from training.model import KERNEL_CHOICES
+
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"kernels (FOUNDRY_KERNELS) must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
+    model = config["model"] if kernels == "reference" else {**config["model"], "kernels": kernels}
     t = dict(config["training"])
     if nproc < 1:
         raise ValueError(f"train_nproc must be >= 1, got {nproc}")
@@ -88,7 +93,7 @@ def with_execution_settings(config: dict[str, Any], *, nproc: int, checkpoint_ev
             t["threads"] = max(1, t["threads"] // nproc)
     if checkpoint_every > 0:
         t["checkpoint_every"] = checkpoint_every
-    return {**config, "training": t, "resume_dir": str(resume_dir)}
+    return {**config, "model": model, "training": t, "resume_dir": str(resume_dir)}
 
 
 def launch_command(run_file: Path, nproc: int) -> list[str]:
@@ -107,7 +112,8 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     resume_dir = ctx.foundry.store().root / RESUME_DIR / ctx.plan.kind / ctx.key
     nproc = ctx.foundry.train_nproc
     config = with_execution_settings(run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)), nproc=nproc,
-                                     checkpoint_every=ctx.foundry.checkpoint_every, resume_dir=resume_dir)
+                                     checkpoint_every=ctx.foundry.checkpoint_every, resume_dir=resume_dir,
+                                     kernels=ctx.foundry.kernels)
     atomic_write_json(run_file, config)
     try:
         try:

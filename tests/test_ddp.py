@@ -126,3 +126,18 @@ def test_the_asset_splits_the_recipe_batch_over_torchrun_ranks(tmp_path):
     with pytest.raises(ValueError, match=r"training\.batch_size \(8\) must be divisible by the number of training "
                                          r"processes \(train_nproc / FOUNDRY_TRAIN_NPROC = 3\)"):
         with_execution_settings(config, nproc=3, checkpoint_every=0, resume_dir=tmp_path)
+
+
+def test_the_asset_passes_the_kernel_choice_to_the_model_config(tmp_path):
+    from assets.training import with_execution_settings
+    from training.config import parse_run_config
+
+    config = {"model": {"vocab_size": 64}, "optimizer": {"name": "adamw", "lr": 1e-3},
+              "training": {"steps": 10, "batch_size": 8, "seq_len": 16},
+              "data": {"mixture_dir": "/m"}, "out_dir": "/o"}
+    plain = with_execution_settings(config, nproc=1, checkpoint_every=0, resume_dir=tmp_path)
+    assert "kernels" not in plain["model"] and parse_run_config(plain).model.kernels == "reference"
+    fused = with_execution_settings(config, nproc=1, checkpoint_every=0, resume_dir=tmp_path, kernels="triton")
+    assert parse_run_config(fused).model.kernels == "triton" and "kernels" not in config["model"]
+    with pytest.raises(ValueError, match=r"FOUNDRY_KERNELS.*'cuda'"):
+        with_execution_settings(config, nproc=1, checkpoint_every=0, resume_dir=tmp_path, kernels="cuda")
