@@ -44,19 +44,31 @@ def describe_tokenizer(manifest: Manifest) -> dict[str, Any]:
     return {k: v for k, v in manifest.counts.items() if k in ("vocab_size", "trained", "sample_documents")}
 
 
+def tokenized_spec(heldout_share: float) -> dict[str, Any]:
+    """The hashed spec of tokenized_<corpus>: empty unless a share is held out, so recipes
+    without one keep their identity."""
+    return {"heldout_share": heldout_share} if heldout_share > 0 else {}
+
+
 def build_tokenized(ctx: BuildContext) -> dict[str, Any]:
     tok = load_tokenizer(ctx.upstream["tokenizer"].dir / "tokenizer.json")
     docs = iter_curated_docs(ctx.upstream["curated"].dir / "docs")
     meter = ctx.progress("tokenizing", total=ctx.upstream["curated"].manifest.counts.get("kept"))
-    counts = tokenize_documents(docs, tok, ctx.out_dir, progress=meter)
-    pq.write_table(pa.table({"documents": [counts["documents"]], "tokens": [counts["tokens"]]}),
-                   ctx.out_dir / "stats.parquet")
-    ctx.log.info(f"{ctx.plan.label}: {counts['tokens']:,} tokens in {counts['documents']:,} documents")
+    share = float(ctx.plan.spec.get("heldout_share", 0.0))
+    counts = tokenize_documents(docs, tok, ctx.out_dir, progress=meter, heldout_share=share)
+    stats = {"documents": [counts["documents"]], "tokens": [counts["tokens"]]}
+    if share > 0:  # only then: an output without a held-out split stays byte for byte as before
+        stats |= {"heldout_documents": [counts["heldout_documents"]], "heldout_tokens": [counts["heldout_tokens"]]}
+    pq.write_table(pa.table(stats), ctx.out_dir / "stats.parquet")
+    held = f" (+ {counts['heldout_tokens']:,} held out in {counts['heldout_documents']:,})" if share > 0 else ""
+    ctx.log.info(f"{ctx.plan.label}: {counts['tokens']:,} tokens in {counts['documents']:,} documents{held}")
     return counts
 
 
 def describe_tokenized(manifest: Manifest) -> dict[str, Any]:
     c = manifest.counts
-    return {"documents": c.get("documents", 0), "tokens": c.get("tokens", 0),
+    meta = {"documents": c.get("documents", 0), "tokens": c.get("tokens", 0),
             "tokens_per_document": round(c.get("tokens", 0) / max(c.get("documents", 1), 1), 1)}
-
+    if "heldout_documents" in c:
+        meta |= {"heldout_documents": c["heldout_documents"], "heldout_tokens": c["heldout_tokens"]}
+    return meta

@@ -5,10 +5,18 @@ never retrains it. Tokenized output is numpy arrays (memory-mapped by the traine
 
     tokens.npy   1-D uint16/uint32, every document followed by the EOS token
     offsets.npy  1-D int64, n_docs + 1 entries; document i is tokens[offsets[i]:offsets[i+1]]
+    documents.parquet  doc_id and token count of each document, in the same order
+
+With a held-out share, the documents whose hash rank (`heldout_rank`) falls under it go to a
+`heldout/` folder of the same three files instead, ordered by rank, so the mixture (which
+reads only the top-level arrays) never sees them and a token cap on the held-out set takes a
+uniform sample. The rank depends on the document id alone: adding documents to a source
+never moves an existing one across the split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterable, Iterator
@@ -94,33 +102,88 @@ def iter_curated_docs(docs_dir: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
+HELDOUT_DIR = "heldout"
+
+
+def heldout_rank(doc_id: str) -> float:
+    """A stable, uniform number in [0, 1) for a document id: held out when below the share."""
+    digest = hashlib.sha256(b"foundry-heldout\x00" + doc_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_id(doc: dict) -> str:
+    """The id a document is split by. A rephrased document carries its original's id as
+    `source_id`, so the rewrite of a held-out document is held out too."""
+    value = doc.get("source_id") or doc.get("id")
+    if value is None or value == "":
+        raise ValueError(f"document without an id (keys: {sorted(doc)}): cannot place it in the held-out split")
+    return str(value)
+
+
+class _TokenArrays:
+    """Token arrays of documents as they are encoded, written as tokens/offsets/documents."""
+
+    def __init__(self, dtype: type) -> None:
+        self.dtype = dtype
+        self.chunks: list[np.ndarray] = []
+        self.ids: list[str] = []
+
+    def add(self, doc_id: str, token_ids: list[int], eos: int) -> None:
+        arr = np.empty(len(token_ids) + 1, dtype=self.dtype)
+        arr[:-1] = token_ids
+        arr[-1] = eos
+        self.chunks.append(arr)
+        self.ids.append(doc_id)
+
+    def write(self, out_dir: Path, order: list[int] | None = None) -> dict[str, int]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        order = list(range(len(self.chunks))) if order is None else order
+        chunks = [self.chunks[i] for i in order]
+        lengths = [c.size for c in chunks]
+        tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=self.dtype)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / "tokens.npy", tokens)
+        np.save(out_dir / "offsets.npy", offsets)
+        pq.write_table(pa.table({"doc_id": [self.ids[i] for i in order], "tokens": lengths}),
+                       out_dir / "documents.parquet")
+        return {"documents": len(lengths), "tokens": int(tokens.size)}
+
+
 def tokenize_documents(
     docs: Iterable[dict], tokenizer: Tokenizer, out_dir: Path, batch_size: int = 256,
-    progress: Progress | None = None,
+    progress: Progress | None = None, heldout_share: float = 0.0,
 ) -> dict[str, int]:
     """Encode documents (batched, Rust-parallel) and write tokens/offsets/doc ids.
+    Documents whose `heldout_rank` is below `heldout_share` go to `out_dir/heldout/` instead
+    (counted as heldout_documents/heldout_tokens; with a share of 0 there is no such folder).
     `progress` is told the documents done after each batch, and finished at the end."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    if not 0 <= heldout_share < 1:
+        raise ValueError(f"heldout_share must be in [0, 1), got {heldout_share}")
     eos = tokenizer.token_to_id(EOS)
     dtype = np.uint16 if tokenizer.get_vocab_size() < 2**16 else np.uint32
-    chunks: list[np.ndarray] = []
-    lengths: list[int] = []
-    ids: list[str] = []
+    train, heldout = _TokenArrays(dtype), _TokenArrays(dtype)
+    ranks: list[float] = []
     batch: list[dict] = []
+    done = 0
 
     def flush() -> None:
-        for doc, enc in zip(batch, tokenizer.encode_batch([d["text"] for d in batch], add_special_tokens=False), strict=True):
-            arr = np.empty(len(enc.ids) + 1, dtype=dtype)
-            arr[:-1] = enc.ids
-            arr[-1] = eos
-            chunks.append(arr)
-            lengths.append(arr.size)
-            ids.append(str(doc.get("id")))
+        nonlocal done
+        encoded = tokenizer.encode_batch([d["text"] for d in batch], add_special_tokens=False)
+        for doc, enc in zip(batch, encoded, strict=True):
+            rank = heldout_rank(split_id(doc)) if heldout_share > 0 else 1.0
+            if rank < heldout_share:
+                heldout.add(str(doc.get("id")), enc.ids, eos)
+                ranks.append(rank)
+            else:
+                train.add(str(doc.get("id")), enc.ids, eos)
+        done += len(batch)
         batch.clear()
         if progress is not None:
-            progress.update(len(lengths))
+            progress.update(done)
 
     for doc in docs:
         batch.append(doc)
@@ -128,12 +191,10 @@ def tokenize_documents(
             flush()
     if batch:
         flush()
-    tokens = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    np.save(out_dir / "tokens.npy", tokens)
-    np.save(out_dir / "offsets.npy", offsets)
-    pq.write_table(pa.table({"doc_id": ids, "tokens": lengths}), out_dir / "documents.parquet")
+    counts = train.write(out_dir)
+    if heldout_share > 0:
+        held = heldout.write(out_dir / HELDOUT_DIR, order=sorted(range(len(ranks)), key=ranks.__getitem__))
+        counts |= {"heldout_documents": held["documents"], "heldout_tokens": held["tokens"]}
     if progress is not None:
         progress.finish()
-    return {"documents": len(lengths), "tokens": int(tokens.size)}
+    return counts

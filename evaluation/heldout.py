@@ -9,14 +9,21 @@ Only the first ``max_tokens`` targets are scored.
 bits_per_byte = (sum of target NLL in nats) / ln 2 / (UTF-8 bytes of the target tokens).
 For a byte-level BPE the bytes of each token are read from its byte-level symbols, so the
 byte count is exact (it equals the UTF-8 length of the text the targets cover).
+
+`heldout_loss_documents` scores tokenized documents (a source's held-out split) the same way,
+each document on its own as if it were the text file: EOS in front, its text tokens as
+targets (its closing EOS is not scored and has no bytes), windows restarting per document.
+So its figures equal `heldout_loss` run on each document's text, summed.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -78,6 +85,47 @@ def _tokenize_prefix(tokenizer, text: str, n_needed: int) -> list[int]:
         n_chars *= 2
 
 
+def _check_lengths(model: torch.nn.Module, seq_len: int, max_tokens: int) -> None:
+    if seq_len <= 0 or max_tokens <= 0:
+        raise ValueError(f"seq_len and max_tokens must be positive (got {seq_len}, {max_tokens})")
+    model_max = int(model.config.max_seq_len)
+    if seq_len > model_max:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model_max}")
+
+
+def _stream_nll(model: torch.nn.Module, streams: Sequence[torch.Tensor], seq_len: int, batch_size: int) -> float:
+    """Summed next-token NLL (nats) over token streams: every token but a stream's first is a target.
+
+    Each stream is cut into non-overlapping windows of seq_len targets; windows of the same
+    length (from any stream) run as one batch, so no padding enters a forward pass.
+    """
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for i, stream in enumerate(streams):
+        n_targets = len(stream) - 1
+        for start in range(0, n_targets, seq_len):
+            by_length.setdefault(min(seq_len, n_targets - start), []).append((i, start))
+    device = next(model.parameters()).device
+    total = 0.0
+    for length, windows in sorted(by_length.items(), reverse=True):
+        for b in range(0, len(windows), batch_size):
+            group = windows[b : b + batch_size]
+            inputs = torch.stack([streams[i][s : s + length] for i, s in group]).to(device)
+            targets = torch.stack([streams[i][s + 1 : s + 1 + length] for i, s in group]).to(device)
+            logits, _ = model(inputs)
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            total += float(nll)
+    return total
+
+
+def _summary(total_nll: float, n_targets: int, n_bytes: int) -> dict:
+    return {
+        "loss": total_nll / n_targets,
+        "bits_per_byte": total_nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "tokens": n_targets,
+        "bytes": n_bytes,
+    }
+
+
 @torch.inference_mode()
 def heldout_loss(
     model: torch.nn.Module,
@@ -91,12 +139,7 @@ def heldout_loss(
 
     Returns {"loss", "bits_per_byte", "tokens" (targets scored), "bytes" (UTF-8 bytes they cover)}.
     """
-    if seq_len <= 0 or max_tokens <= 0:
-        raise ValueError(f"seq_len and max_tokens must be positive (got {seq_len}, {max_tokens})")
-    model_max = int(model.config.max_seq_len)
-    if seq_len > model_max:
-        raise ValueError(f"seq_len {seq_len} exceeds the model's max_seq_len {model_max}")
-
+    _check_lengths(model, seq_len, max_tokens)
     text = Path(text_path).read_text(encoding="utf-8")
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     prefix = [eos_id] if eos_id is not None else []
@@ -108,24 +151,61 @@ def heldout_loss(
 
     byte_len = token_byte_lengths(tokenizer)
     n_bytes = sum(byte_len[t] for t in ids[1 : n_targets + 1])
+    return _summary(_stream_nll(model, [stream], seq_len, batch_size), n_targets, n_bytes)
 
-    device = next(model.parameters()).device
-    total_nll = 0.0
-    starts = list(range(0, n_targets, seq_len))
-    full = [s for s in starts if s + seq_len <= n_targets]
-    groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)]
-    groups += [[s] for s in starts if s + seq_len > n_targets]  # the last, shorter window
-    for group in groups:
-        length = min(seq_len, n_targets - group[0])
-        inputs = torch.stack([stream[s : s + length] for s in group]).to(device)
-        targets = torch.stack([stream[s + 1 : s + 1 + length] for s in group]).to(device)
-        logits, _ = model(inputs)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total_nll += float(nll)
 
-    return {
-        "loss": total_nll / n_targets,
-        "bits_per_byte": total_nll / math.log(2) / n_bytes if n_bytes else float("nan"),
-        "tokens": n_targets,
-        "bytes": n_bytes,
-    }
+def load_token_documents(folder: Path) -> list[np.ndarray]:
+    """Documents of a tokenized folder (tokens.npy + offsets.npy, as dataprep.tokenize writes
+    them; each document ends with EOS), in file order. Errors name the file."""
+    folder = Path(folder)
+    arrays = {}
+    for name in ("tokens.npy", "offsets.npy"):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (is this a tokenized output with a held-out split?)")
+        arrays[name] = np.load(path, mmap_mode="r")
+    tokens, offsets = arrays["tokens.npy"], arrays["offsets.npy"]
+    if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or offsets[-1] != len(tokens) \
+            or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"{folder / 'offsets.npy'}: not the document boundaries of {folder / 'tokens.npy'} "
+                         f"({len(tokens)} tokens)")
+    return [np.asarray(tokens[offsets[i] : offsets[i + 1]]) for i in range(len(offsets) - 1)]
+
+
+@torch.inference_mode()
+def heldout_loss_documents(
+    model: torch.nn.Module,
+    tokenizer,
+    documents: Sequence[np.ndarray | Sequence[int]],
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int = 8,
+) -> dict:
+    """Loss and bits per byte over tokenized documents, each scored as `heldout_loss` scores a
+    text file (see the module docstring), until max_tokens targets: the document that reaches
+    the cap is cut there, later ones are left out.
+
+    Returns {"loss", "bits_per_byte", "tokens", "bytes", "documents" (documents scored)}.
+    """
+    _check_lengths(model, seq_len, max_tokens)
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    if eos_id is None:
+        raise ValueError(f"the tokenizer has no {EOS_TOKEN} token (the document separator)")
+    byte_len = token_byte_lengths(tokenizer)
+    streams: list[torch.Tensor] = []
+    n_targets = n_bytes = 0
+    for doc in documents:
+        if n_targets >= max_tokens:
+            break
+        ids = [int(t) for t in doc]
+        if ids and ids[-1] == eos_id:
+            ids = ids[:-1]  # the closing separator: not text, not scored
+        ids = ids[: max_tokens - n_targets]
+        if not ids:
+            continue
+        streams.append(torch.tensor([eos_id, *ids], dtype=torch.long))
+        n_targets += len(ids)
+        n_bytes += sum(byte_len[t] for t in ids)
+    if n_targets == 0:
+        raise ValueError("no held-out tokens to score (no documents, or only empty ones)")
+    return _summary(_stream_nll(model, streams, seq_len, batch_size), n_targets, n_bytes) | {"documents": len(streams)}

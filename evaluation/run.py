@@ -216,6 +216,15 @@ def _run_pipeline(configs: list, lighteval_model, work_dir: Path) -> tuple[dict,
         torch.set_grad_enabled(grad_mode)
 
 
+def _score_heldout_source(model, tokenizer, folder: Path, max_tokens: int) -> dict:
+    from evaluation.heldout import heldout_loss_documents, load_token_documents
+
+    documents = load_token_documents(folder)
+    if not documents:
+        raise ValueError(f"{folder}: no held-out documents (the source is too small for its held-out share)")
+    return heldout_loss_documents(model, tokenizer, documents, model.config.max_seq_len, max_tokens)
+
+
 def evaluate_checkpoint(
     ckpt_dir: Path,
     tokenizer_path: Path,
@@ -227,6 +236,7 @@ def evaluate_checkpoint(
     heldout_max_tokens: int = 50_000,
     seed: int = 0,
     num_fewshot: int = 0,
+    heldout_sources: dict[str, Path] | None = None,
 ) -> dict:
     """Evaluate one checkpoint.
 
@@ -240,13 +250,18 @@ def evaluate_checkpoint(
       heldout: a key of ``HELDOUT_SETS`` or None.
       seed: selects the item subset (and the few-shot examples).
       num_fewshot: solved examples put before each prompt (see evaluation.tasks); 0 = zero-shot.
+      heldout_sources: source name -> folder of its held-out documents' tokens (the ``heldout/``
+        folder of a tokenized output); each is scored up to heldout_max_tokens as task
+        ``heldout:<source>`` with n_items = documents scored. One that cannot be scored (e.g. no
+        held-out documents) is listed in ``failed``.
 
     Returns ``{"rows": [{"task", "form", "metric", "value", "stderr", "n_items"}, ...],
     "details": [{"task", "form", "item", "pred", "pred_norm", "gold", "correct", "correct_norm", "logprobs"}, ...],
     "failed": {task: error message}, "meta": {...}}``. A task whose data cannot be read or
     whose run fails is left out of rows/details and listed in ``failed``; the others are kept. Task rows have the metrics of ``TaskSpec.metrics`` ("acc", "acc_norm",
     "acc_norm_token"; form "cloze" or "mc"); the held-out (form "heldout") row set has
-    "loss" (nats/token) and "bits_per_byte", with n_items = tokens scored (stderr None).
+    "loss" (nats/token) and "bits_per_byte", with n_items = tokens scored (stderr None); a
+    ``heldout:<source>`` row set has the same metrics with n_items = documents scored.
     ``item`` is the 0-based row index in the task's source file.
     """
     tasks = list(tasks)
@@ -299,6 +314,20 @@ def evaluate_checkpoint(
                          "n_items": int(h["tokens"])})
         timings["heldout"] = time.perf_counter() - t0
 
+    for source, folder in sorted((heldout_sources or {}).items()):
+        t0 = time.perf_counter()
+        task = f"heldout:{source}"
+        try:
+            h = _score_heldout_source(model, tokenizer, Path(folder), heldout_max_tokens)
+        except (ValueError, OSError) as e:  # the others are still reported
+            failed[task] = f"{task}: {e}"
+            logger.error("held-out set %s failed: %s", task, e)
+            continue
+        for metric in ("loss", "bits_per_byte"):
+            rows.append({"task": task, "form": "heldout", "metric": metric, "value": float(h[metric]), "stderr": None,
+                         "n_items": int(h["documents"])})
+        timings[task] = time.perf_counter() - t0
+
     return {
         "rows": rows,
         "details": item_rows,
@@ -311,6 +340,7 @@ def evaluate_checkpoint(
             "seed": seed,
             "num_fewshot": num_fewshot,
             "heldout": heldout,
+            "heldout_sources": sorted(heldout_sources or {}),
             "known_tasks": known_tasks(),
             "seconds": timings,
         },
