@@ -28,6 +28,8 @@ def condition_for(kind: str, policy: AutomationSpec) -> AutomationCondition | No
         return AutomationCondition.code_version_changed().with_label("own code version changed")
     if kind in DATA_KINDS:
         return data_condition()
+    if kind == "eval_step":
+        return None  # kept checkpoint steps: their sensor adds and evaluates them (assets/eval_steps.py)
     choices = {"checkpoint": policy.training, "rephrased": policy.rephrase}
     choice = choices.get(kind, policy.evaluation)
     return data_condition() if choice == "eager" else None

@@ -20,6 +20,7 @@ from .ablation_assets import AblationAssets, ablation_bundles
 from .automation import automation_sensor
 from .console import compact_console
 from .factory import RecipeAssets, recipe_assets
+from .nightly import nightly_schedule, sync_job
 from .recipe import RecipeError, load_recipe
 from .resources import FoundryResource
 from .settings import PROJECT_ROOT, configure_offline_environment, data_root
@@ -65,12 +66,16 @@ def load_all(paths: list[Path] | None = None) -> list[RecipeAssets | AblationAss
 
 
 def build_definitions(recipes: list[RecipeAssets]) -> Definitions:
-    return Definitions(
+    """Every recipe's assets and sensors, the automation sensor, and the nightly `foundry sync`
+    job with its schedule (assets/nightly.py; stopped by default)."""
+    assets = Definitions(
         assets=[a for r in recipes for a in r.assets],
         sensors=[automation_sensor(), *(s for r in recipes for s in r.sensors)],
         resources={"foundry": FoundryResource()},
         loggers={"compact": compact_console},
     )
+    sync = sync_job(assets, recipes)
+    return Definitions.merge(assets, Definitions(jobs=[sync], schedules=[nightly_schedule(sync)]))
 
 
 configure_offline_environment()

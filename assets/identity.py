@@ -32,6 +32,7 @@ LOGIC_VERSIONS: dict[str, str] = {
     "mixture": "mixture-1",
     "checkpoint": "checkpoint-1",
     "eval_report": "eval-2",  # 2: form column, per-item details.parquet
+    "eval_step": "eval_step-1",  # one kept checkpoint step through the eval_report's evaluation
     "ablation_report": "ablation_report-1",
     "data_stats": "stats-4",  # 2: eval_items; 3: curation url/cluster columns; 4: rephrase, contamination, ocr_queue, expert_load
 }

@@ -18,7 +18,7 @@ import fcntl
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,9 @@ TABLES: dict[str, dict[str, Any]] = {
                     "contaminated": "BOOLEAN", "corpus": "VARCHAR"},
     },
     "tokens": {
-        "kind": "tokenized", "file": "stats.parquet", "columns": {"documents": "BIGINT", "tokens": "BIGINT"},
+        "kind": "tokenized", "file": "stats.parquet",
+        # heldout_*: documents held out of training (evals.heldout_share); NULL where none are
+        "columns": {"documents": "BIGINT", "tokens": "BIGINT", "heldout_documents": "BIGINT", "heldout_tokens": "BIGINT"},
     },
     "mixture": {
         "kind": "mixture", "file": "mixture.parquet",
@@ -77,21 +79,22 @@ TABLES: dict[str, dict[str, Any]] = {
         "kind": "checkpoint", "file": "metrics.parquet",
         "columns": {"step": "BIGINT", "tokens": "BIGINT", "loss": "DOUBLE", "lr": "DOUBLE", "grad_norm": "DOUBLE",
                     "tokens_per_s": "DOUBLE", "max_attn_logit": "DOUBLE", "moe_lb_loss": "DOUBLE",
-                    "moe_z_loss": "DOUBLE", "skipped": "BOOLEAN"},
+                    "moe_z_loss": "DOUBLE", "skipped": "BOOLEAN",
+                    "rollbacks": "BIGINT"},  # NaN/inf rollbacks before the step (on_nonfinite: rollback; else NULL)
     },
     "expert_load": {  # MoE checkpoints only: tokens routed per (layer, expert, source) per logging window
         "kind": "checkpoint", "file": "expert_load.parquet",
         "columns": {"step": "BIGINT", "layer": "BIGINT", "expert": "BIGINT", "source": "VARCHAR", "tokens": "BIGINT"},
     },
-    "evals": {
+    "evals": {  # step, tokens: the checkpoint's step and training tokens (final report: the last step)
         "kind": "eval_report", "file": "evals.parquet",
-        "columns": {"task": "VARCHAR", "form": "VARCHAR", "metric": "VARCHAR", "value": "DOUBLE",
-                    "stderr": "DOUBLE", "n_items": "BIGINT"},
+        "columns": {"step": "BIGINT", "tokens": "BIGINT", "task": "VARCHAR", "form": "VARCHAR", "metric": "VARCHAR",
+                    "value": "DOUBLE", "stderr": "DOUBLE", "n_items": "BIGINT"},
     },
     "eval_items": {
         "kind": "eval_report", "file": "details.parquet",
-        "columns": {"task": "VARCHAR", "form": "VARCHAR", "item": "BIGINT", "pred": "BIGINT", "gold": "BIGINT",
-                    "correct": "BOOLEAN", "correct_norm": "BOOLEAN"},
+        "columns": {"step": "BIGINT", "task": "VARCHAR", "form": "VARCHAR", "item": "BIGINT", "pred": "BIGINT",
+                    "gold": "BIGINT", "correct": "BOOLEAN", "correct_norm": "BOOLEAN"},
     },
     "ablations": {  # one row per ablation run (variant x seed) and metric; `grid` is the ablation's name
         "kind": "ablation_report", "file": "ablations.parquet",
@@ -102,25 +105,28 @@ TABLES: dict[str, dict[str, Any]] = {
 KIND_TO_TABLES: dict[str, list[str]] = {}
 for _name, _spec in TABLES.items():
     KIND_TO_TABLES.setdefault(_spec["kind"], []).append(_name)
+# the reports of kept checkpoint steps (assets/eval_steps.py) feed the same tables, same files
+KIND_TO_TABLES["eval_step"] = KIND_TO_TABLES["eval_report"]
 # tables whose rows carry no per-source column added here (mixture, rephrase and ocr_queue bring
 # their own)
 NO_SOURCE_TABLES = ("ocr_queue", "mixture", "rephrase", "contamination", "train_metrics", "expert_load", "evals",
                     "eval_items", "ablations")
 
 
-def build_data_stats(ctx: BuildContext) -> dict[str, Any]:
-    """tables.json: rows of (table, recipe, source, store-relative parquet path)."""
+def build_data_stats(ctx: BuildContext, gathered: Sequence[Manifest] = ()) -> dict[str, Any]:
+    """tables.json: rows of (table, recipe, source, store-relative parquet path). `gathered`:
+    outputs that are not inputs but whose statistics belong here (reports of kept checkpoint steps)."""
     recipe = ctx.plan.recipe
     entries = []
-    for role in sorted(ctx.upstream):
-        up = ctx.upstream[role]
-        for table in KIND_TO_TABLES.get(up.manifest.kind, []):
-            parquet = up.dir / TABLES[table]["file"]
+    outputs = [(role, ctx.upstream[role].manifest) for role in sorted(ctx.upstream)] + [(None, m) for m in gathered]
+    for role, manifest in outputs:
+        for table in KIND_TO_TABLES.get(manifest.kind, []):
+            parquet = manifest.path / TABLES[table]["file"]
             if not parquet.is_file():
                 continue  # e.g. an eval report built before details.parquet existed
-            source = role.split("_", 1)[1] if role.startswith(("curated_", "tokenized_")) else None
+            source = role.split("_", 1)[1] if role and role.startswith(("curated_", "tokenized_")) else None
             entries.append({"table": table, "recipe": recipe, "source": source,
-                            "file": f"{up.manifest.kind}/{up.manifest.key}/{TABLES[table]['file']}"})
+                            "file": f"{manifest.kind}/{manifest.key}/{TABLES[table]['file']}"})
     atomic_write_json(ctx.out_dir / "tables.json", entries)
     return {"tables": sorted({e["table"] for e in entries}), "files": len(entries)}
 

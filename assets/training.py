@@ -9,6 +9,10 @@ Resumable checkpoints (every FoundryResource.checkpoint_every steps) go to
 `<store>/resume/checkpoint/<key>/`, outside the build's temp dir, which a killed build loses: the
 next build of the same key resumes from there (exactly: same losses and weights), and removes it
 once the output is complete.
+
+With training.keep_every = N the output also holds the weights of steps N, 2N, ... as
+`steps/step_<N>/` (listed in the manifest's files and in its counts as kept_steps); the
+`eval_steps` asset evaluates each as a partition (assets/eval_steps.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import pyarrow.parquet as pq
 from dagster import MetadataValue, PipesSubprocessClient
 
 from training.reporting import FAILURE_FILE
+from training.resume import step_dir_name
 
 from .engine import BuildContext
 from .settings import PROJECT_ROOT
@@ -62,6 +67,10 @@ def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = No
             "threads": ctx.foundry.train_threads, **({"grad_accum_steps": t.grad_accum_steps}
                                                      if t.grad_accum_steps != 1 else {}),
             **({"skip_spikes": t.skip_spikes.model_dump(mode="json")} if t.skip_spikes is not None else {}),
+            # only when used, so RUN.json and config.json look as before otherwise
+            **({"keep_every": t.keep_every} if t.keep_every else {}),
+            **({"on_nonfinite": t.on_nonfinite, "max_rollbacks": t.max_rollbacks}
+               if t.on_nonfinite != "stop" else {}),
         },
         "data": {"mixture_dir": str(ctx.upstream["mixture"].dir)},
         "out_dir": str(ctx.out_dir),
@@ -93,6 +102,9 @@ def with_execution_settings(config: dict[str, Any], *, nproc: int, checkpoint_ev
             t["threads"] = max(1, t["threads"] // nproc)
     if checkpoint_every > 0:
         t["checkpoint_every"] = checkpoint_every
+    elif t.get("on_nonfinite") == "rollback":
+        raise ValueError("training.on_nonfinite: rollback needs resumable checkpoints to roll back to, but "
+                         "checkpoint_every (FOUNDRY_CHECKPOINT_EVERY) is 0")
     return {**config, "model": model, "training": t, "resume_dir": str(resume_dir)}
 
 
@@ -140,7 +152,7 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
         ctx.log.info(f"{ctx.plan.label}: training resumed at step {summary['resumed_from_step']} from the checkpoint "
                      f"of an interrupted build")
     shutil.rmtree(resume_dir, ignore_errors=True)  # the output is complete: nothing left to resume
-    keep = ("final_loss", "steps", "tokens", "seconds", "params", "active_params")
+    keep = ("final_loss", "steps", "tokens", "seconds", "params", "active_params", "kept_steps", "rollbacks")
     return {k: summary[k] for k in keep if k in summary} | {
         "vocab_size": vocab_size
     }
@@ -149,6 +161,13 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
 def describe_checkpoint(manifest: Manifest) -> dict[str, Any]:
     c = manifest.counts
     meta: dict[str, Any] = {k: c[k] for k in ("final_loss", "steps", "tokens", "params", "active_params") if k in c}
+    if c.get("kept_steps"):
+        meta["kept_steps"] = MetadataValue.md(
+            "| kept step | tokens | folder |\n|---:|---:|---|\n" + "\n".join(
+                f"| {k['step']:,} | {k['tokens']:,} | steps/{step_dir_name(k['step'])} |" for k in c["kept_steps"]))
+    if c.get("rollbacks"):
+        meta["rollbacks"] = MetadataValue.md("\n".join(
+            f"- step {r['step']}: {r['reason']}; rolled back to step {r['to_step']}" for r in c["rollbacks"]))
     metrics = manifest.path / "metrics.parquet"
     if metrics.is_file():
         table = pq.read_table(metrics, columns=["step", "loss"]).to_pylist()

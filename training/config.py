@@ -21,7 +21,9 @@ from training.spikes import SpikePolicy
 
 # Added after the first runs: left out of to_dict() while at these defaults, so a config.json
 # of a run that does not use them looks as before.
-TRAINING_OPTIONAL_DEFAULTS = {"checkpoint_every": 0, "skip_spikes": None}
+TRAINING_OPTIONAL_DEFAULTS = {"checkpoint_every": 0, "skip_spikes": None, "keep_every": 0, "on_nonfinite": "stop",
+                              "max_rollbacks": 3}
+NONFINITE_ACTIONS = ("stop", "rollback")
 # Execution knobs: a resumed run may change them (they do not change what is trained).
 EXECUTION_FIELDS = ("threads", "checkpoint_every")
 
@@ -48,6 +50,13 @@ class TrainingConfig:
     checkpoint_every: int = 0
     # Skip the update of loss-spike steps (training.spikes.SpikePolicy fields); None = off.
     skip_spikes: dict | None = None
+    # Keep the weights of every N-th step (N, 2N, ... before the last) in out_dir/steps/step_<N>/,
+    # loadable like the final checkpoint (evals follow them); 0 = keep none.
+    keep_every: int = 0
+    # A NaN/inf loss or gradient norm: "stop" the run, or "rollback": reload the last resumable
+    # checkpoint, skip the batches from there to the bad step, and go on (at most max_rollbacks times).
+    on_nonfinite: str = "stop"
+    max_rollbacks: int = 3
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "log_every", "grad_accum_steps"):
@@ -67,6 +76,13 @@ class TrainingConfig:
         _check_int("checkpoint_every", self.checkpoint_every, minimum=0)
         if self.skip_spikes is not None:
             SpikePolicy.from_dict(self.skip_spikes)  # validate
+        _check_int("keep_every", self.keep_every, minimum=0)
+        _check_int("max_rollbacks", self.max_rollbacks, minimum=1)
+        if self.on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"training.on_nonfinite must be one of {list(NONFINITE_ACTIONS)}, got {self.on_nonfinite!r}")
+        if self.on_nonfinite == "rollback" and self.checkpoint_every == 0:
+            raise ValueError("training.on_nonfinite 'rollback' needs training.checkpoint_every > 0: "
+                             "it rolls back to the last resumable checkpoint")
         if not isinstance(self.device, str):
             raise ValueError(f"training.device must be a string such as 'cpu' or 'cuda', got {self.device!r}")
 

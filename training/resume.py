@@ -5,12 +5,16 @@
         state.pt                         optimizer state (Muon momentum buffers included), RNG
                                          states (python, numpy, torch CPU and CUDA), the data
                                          stream position, the metrics rows so far, the spike
-                                         guard's and expert-load windows, and the run's identity
+                                         guard's and expert-load windows, the NaN/inf rollbacks
+                                         so far, and the run's identity
+    resume_dir/kept/step_00000020/       weights kept for good (training.keep_every; training.kept_steps)
 
 state.pt is written with torch.save and read back only with torch.load(weights_only=True):
 tensors and plain containers, never pickled code. A step directory is filled under a temp name
 and renamed into place, so any `step_*` directory is complete; older ones are deleted after the
-new one is in place. The trainer resumes from the newest.
+new one is in place. The trainer resumes from the newest; with training.on_nonfinite = "rollback"
+it also rolls back to the newest, and a run that starts from scratch first saves step 0 (the
+initial state) so there is one to roll back to before the first periodic checkpoint.
 """
 
 from __future__ import annotations

@@ -21,6 +21,15 @@ and only rank 0 writes or reports.
 
 Loss spikes: with training.skip_spikes, a step whose loss jumps far above the recent median is not
 applied (training.spikes); metrics.parquet marks it in the `skipped` column.
+
+Kept steps: with training.keep_every = N, the weights of steps N, 2N, ... before the last go to
+out_dir/steps/step_<N>/ (training.kept_steps); summary.json lists them under kept_steps.
+
+NaN/inf: a non-finite loss or gradient norm stops the run (TrainingDiverged), or with
+training.on_nonfinite = "rollback" reloads the last resumable checkpoint, skips the batches from
+there up to the bad step (the data stream keeps its position) and goes on, at most
+training.max_rollbacks times. metrics.parquet then has a `rollbacks` column (rollbacks before the
+row's step was trained) and summary.json lists each rollback.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from training import distributed, resume
+from training import distributed, kept_steps, resume
 from training.atomic import atomic_path, write_json_atomic
 from training.checkpoint import save_checkpoint
 from training.config import RunConfig, load_run_config
@@ -70,6 +79,9 @@ METRICS_SCHEMA = pa.schema(
 # expert_load.parquet: tokens each (MoE layer, expert, mixture source) received since the previous
 # row's step (one row per cell at every logged step, zeros included); a token counts once per
 # expert it is routed to, so per step and layer the tokens sum to k * tokens trained on.
+# with training.on_nonfinite = "rollback" only (default runs write the columns above, as before)
+ROLLBACK_FIELD = pa.field("rollbacks", pa.int64())  # rollbacks that happened before this step was trained
+
 EXPERT_LOAD_SCHEMA = pa.schema(
     [
         ("step", pa.int64()),  # the logged step closing the window
@@ -82,7 +94,7 @@ EXPERT_LOAD_SCHEMA = pa.schema(
 
 
 class TrainingDiverged(RuntimeError):
-    """Loss or gradient norm became NaN/inf."""
+    """Loss or gradient norm became NaN/inf (and the run may not, or may no more, roll back)."""
 
 
 def _seed_everything(seed: int) -> None:
@@ -184,28 +196,30 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
 
     records: list[dict] = []
     load_rows: list[dict] = []
+    rollbacks: list[dict] = []  # {"step", "to_step", "reason"} per rollback (on_nonfinite = "rollback")
     start_step, seconds_before = 0, 0.0
+    trained = (model, optimizer, stream, expert_load, guard, world)
     ckpt = resume.latest(run.resume_dir)
     if ckpt is not None:
-        state = resume.load(ckpt, model)
-        resume.check_same_run(state, {**run.identity(), "world_size": world.world_size}, ckpt, run.resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["data"])
+        state = _restore(ckpt, run, *trained)
         records, load_rows = list(state["metrics"]), list(state["expert_load_rows"])
-        if expert_load is not None and world.is_main:  # the window's counts, summed over ranks when saved
-            expert_load.counts.copy_(state["expert_load_counts"])
-        if guard is not None:
-            guard.load_state_dict(state["spikes"])
+        rollbacks = list(state.get("rollbacks") or [])
         start_step, seconds_before = int(state["step"]), float(state["seconds"])
-        resume.restore_rng(state["rng"])  # last: everything above may draw from the generators
         reporter.log(f"resuming from checkpoint {ckpt} at step {start_step}/{tc.steps}")
+    elif tc.on_nonfinite == "rollback" and run.resume_dir is not None:
+        # a state to roll back to before the first periodic checkpoint: the initial one
+        _save_resumable(run, world, 0, model, optimizer, stream, records, load_rows, expert_load, guard, 0.0, rollbacks)
+        distributed.barrier(world)
     net = distributed.wrap(model, world, device, moe=moe)  # what the training forward goes through
+    keep_root = kept_steps.kept_root(run.out_dir, run.resume_dir)
 
     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
     t_start = time.perf_counter()
     launcher_alive = _launcher_watch()
     torch.set_grad_enabled(True)  # an importer (e.g. lighteval) may have turned it off process-wide
-    for step in range(start_step + 1, tc.steps + 1):
+    step = start_step
+    while step < tc.steps:
+        step += 1
         if not launcher_alive():
             # The orchestrator died (e.g. SIGKILL): stop instead of writing into an abandoned dir.
             raise SystemExit(f"the launching process is gone; stopping at step {step}")
@@ -238,14 +252,31 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
             loss_value, lb_loss, z_loss = distributed.mean_over_ranks([loss_value, lb_loss, z_loss], world, device)
             if step_max is not None:
                 distributed.max_over_ranks_(step_max, world)
-        # Checked after the micro-batches (not before backward) so every rank stops at the same step.
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss became {loss_value} at step {step} (lr {lr:.3g}); aborting the run")
+        # Checked after the micro-batches (not before backward) so every rank stops at the same step,
+        # and before the update, so no NaN reaches the weights.
         layer_logits = model.max_attn_logits()  # per layer, over this step's forwards; None if untracked
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4f}); aborting the run")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item() \
+            if math.isfinite(loss_value) else math.nan
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            what = (f"loss became {loss_value} at step {step} (lr {lr:.3g})" if not math.isfinite(loss_value)
+                    else f"gradient norm became {grad_norm} at step {step} (loss {loss_value:.4f})")
+            if tc.on_nonfinite != "rollback":
+                raise TrainingDiverged(f"{what}; aborting the run")
+            if len(rollbacks) >= tc.max_rollbacks:
+                raise TrainingDiverged(f"{what}; {len(rollbacks)} rollbacks already (training.max_rollbacks="
+                                       f"{tc.max_rollbacks}); aborting the run")
+            ckpt = resume.latest(run.resume_dir)
+            if ckpt is None:
+                raise TrainingDiverged(f"{what}; no resumable checkpoint in {run.resume_dir} to roll back to")
+            skip_to = stream.state_dict()  # past this step's batches: the window up to here is skipped
+            state = _restore(ckpt, run, *trained)
+            stream.load_state_dict(skip_to)
+            records, load_rows = list(state["metrics"]), list(state["expert_load_rows"])
+            rollbacks.append({"step": step, "to_step": int(state["step"]), "reason": what})
+            reporter.log(f"step {step}: {what}; rolled back to step {state['step']} ({len(rollbacks)} of at most "
+                         f"{tc.max_rollbacks} rollbacks), skipping the batches of steps {state['step'] + 1}-{step}")
+            step = int(state["step"])
+            continue
         skip_reason = guard.check(step, loss_value, grad_norm) if guard is not None else None
         if skip_reason is None:
             optimizer.step()
@@ -267,6 +298,8 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
             "moe_z_loss": z_loss if moe else None,
             "skipped": skip_reason is not None,
         }
+        if tc.on_nonfinite == "rollback":
+            record["rollbacks"] = len(rollbacks)
         records.append(record)
         if step % tc.log_every == 0 or step == 1 or step == tc.steps:
             logit_note = "" if layer_logits is None else " | max_logit " + " ".join(f"{v:.1f}" for v in layer_logits)
@@ -282,9 +315,11 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
                 f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}{moe_note}{logit_note}"
             )
             reporter.metrics({**record, **extra})
+        if kept_steps.is_kept(step, tc.keep_every, tc.steps) and world.is_main:
+            kept_steps.save(keep_root, step, model, tokens=record["tokens"])
         if run.resume_dir is not None and tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
             _save_resumable(run, world, step, model, optimizer, stream, records, load_rows, expert_load, guard,
-                            seconds_before + time.perf_counter() - t_start)
+                            seconds_before + time.perf_counter() - t_start, rollbacks)
     seconds = time.perf_counter() - t_start
 
     tokens = tc.steps * tokens_per_step
@@ -309,6 +344,11 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
         summary["resumed_from_step"] = start_step
     if guard is not None:
         summary["skipped_steps"] = guard.skips
+    if tc.on_nonfinite == "rollback":
+        summary["rollbacks"] = rollbacks
+    keep = [s for s in range(tc.keep_every, tc.steps, tc.keep_every)] if tc.keep_every else []
+    if keep:
+        summary["kept_steps"] = [{"step": s, "tokens": s * tokens_per_step} for s in keep]
     if world.parallel:
         summary["world_size"] = world.world_size
     if world.is_main:
@@ -327,7 +367,10 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
                 "data": {"mixture_dir": str(run.mixture_dir)},
             },
         )
-        write_metrics(out / "metrics.parquet", records)
+        schema = METRICS_SCHEMA.append(ROLLBACK_FIELD) if tc.on_nonfinite == "rollback" else METRICS_SCHEMA
+        write_metrics(out / "metrics.parquet", records, schema)
+        if keep:
+            kept_steps.publish(keep_root, out, keep)
         if moe:
             write_metrics(out / "expert_load.parquet", load_rows, EXPERT_LOAD_SCHEMA)
         write_json_atomic(out / "summary.json", summary)
@@ -337,7 +380,26 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
     return summary
 
 
-def _save_resumable(run, world, step, model, optimizer, stream, records, load_rows, expert_load, guard, seconds) -> None:
+def _restore(ckpt: Path, run: RunConfig, model, optimizer, stream, expert_load, guard, world: World) -> dict:
+    """Put the model, optimizer, data stream, expert-load window, spike guard and RNG back to a
+    resumable checkpoint (to resume, or to roll back); returns its state for the caller's lists."""
+    state = resume.load(ckpt, model)
+    resume.check_same_run(state, {**run.identity(), "world_size": world.world_size}, ckpt, run.resume_dir)
+    optimizer.load_state_dict(state["optimizer"])
+    stream.load_state_dict(state["data"])
+    if expert_load is not None:  # the window's counts, summed over ranks when saved: rank 0 holds them
+        if world.is_main:
+            expert_load.counts.copy_(state["expert_load_counts"])
+        else:
+            expert_load.counts.zero_()
+    if guard is not None:
+        guard.load_state_dict(state["spikes"])
+    resume.restore_rng(state["rng"])  # last: everything above may draw from the generators
+    return state
+
+
+def _save_resumable(run, world, step, model, optimizer, stream, records, load_rows, expert_load, guard, seconds,
+                    rollbacks) -> None:
     """Rank 0 writes the full training state: replicas are identical after the step, and the RNG
     state saved is rank 0's (training draws no random numbers after the model's initialisation)."""
     window_counts = None
@@ -356,6 +418,7 @@ def _save_resumable(run, world, step, model, optimizer, stream, records, load_ro
         "expert_load_counts": window_counts.cpu() if window_counts is not None else None,
         "spikes": guard.state_dict() if guard is not None else None,
         "seconds": seconds,
+        "rollbacks": rollbacks,
     }
     resume.save(run.resume_dir, step, model, state, model_extra={"step": step})
 
