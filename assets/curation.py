@@ -1,8 +1,9 @@
 """Curation assets.
 
-filtered_<source>  one partition per source file: extraction and the datatrove filters
-                   (`dataprep.curate`), one decision row per input document, and what each
-                   step dropped under excluded/<step>/.
+filtered_<source>  one partition per source file (or per batch of files, `batches: N`):
+                   extraction and the datatrove filters (`dataprep.curate`) on each file, one
+                   decision row per input document, and what each step dropped under
+                   excluded/<step>/. Outputs are per file either way; a batch records an index.
 curated_<source>   unpartitioned manifest over every file raw_<source> recorded: gathers the
                    partitions' outputs (found by their computed keys), runs MinHash dedup
                    across all of them, and writes the source's decisions.parquet.
@@ -19,21 +20,23 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from dagster import MetadataValue
+from dagster import AssetExecutionContext, MaterializeResult, MetadataValue
 
 from dataprep.curate import STEP_ORDER, run_curation, run_curation_per_file, useful_workers
 from dataprep.dedup import run_minhash_dedup
-from dataprep.progress import Progress
+from dataprep.progress import Progress, describe
 
 from . import curation_report
-from .engine import BuildContext, read_json
+from .engine import BuildContext, materialize, read_json
+from .file_batches import members_digest
 from .identity import code_version
 from .plan import AssetPlan
 from .recipe import SourceSpec
 from .resources import FoundryResource
-from .shards import current_files, shard_key, shard_outputs
+from .settings import resolve_data_path
+from .shards import PartitionsMissing, current_partitions, shard_key, shard_outputs
 from .sources import reader_spec
-from .store import Manifest, file_sha256
+from .store import Manifest, atomic_write_json, file_sha256
 
 DEDUP_COLUMNS = [("cluster_id", pa.int64()), ("cluster_size", pa.int64())]
 
@@ -80,44 +83,97 @@ def build_filtered(ctx: BuildContext, file: Path) -> dict[str, Any]:
     return counts
 
 
-def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResource,
-                      progress: Progress | None = None) -> list[str]:
-    """Build the store outputs of several file partitions in one datatrove run.
+def build_file_outputs(plan: AssetPlan, files: list[tuple[str, Path, str]], foundry: FoundryResource,
+                       progress: Progress | None = None, min_files: int = 1) -> list[str]:
+    """Build the per-file outputs missing from the store among `files` (name, path, sha256) in one
+    datatrove run; fewer than `min_files` missing: build nothing. Returns the names it built.
 
-    Each partition run then finds its output (a cache hit) and records it; without this, every
-    partition would start its own process pool. Outputs are the same bytes either way.
-    Returns the partitions whose outputs it built.
+    Outputs are the same bytes as a file's own run (`run_curation_per_file`), so whichever path
+    built a file's output, every later lookup of its key is a hit.
     """
     src: SourceSpec = plan.context["source"]
     store = foundry.store()
-    files = current_files(plan, foundry.data_path())
-    todo = []
-    for name in names:
-        if name in files:
-            key = shard_key(plan, file_sha256(files[name]))
-            if store.lookup("filtered", key) is None and key not in {k for _, _, k in todo}:
-                todo.append((name, files[name], key))
-    if len(todo) < 2:
-        return []  # one file: its own run is as fast
-    todo.sort(key=lambda t: t[2])  # claims taken in one order: two syncs never wait on each other in a cycle
+    todo: dict[str, tuple[Path, list[str]]] = {}  # key -> (file, every name with that content)
+    for name, path, sha in files:
+        key = shard_key(plan, sha)
+        if key in todo:
+            todo[key][1].append(name)
+        elif store.lookup("filtered", key) is None:
+            todo[key] = (path, [name])
+    if len(todo) < min_files:
+        return []
     with contextlib.ExitStack() as stack:
-        for _, _, key in todo:
+        for key in sorted(todo):  # claims taken in one order: two syncs never wait on each other in a cycle
             stack.enter_context(store.claim("filtered", key))
-        todo = [t for t in todo if store.lookup("filtered", t[2]) is None]  # a concurrent sync built some
-        if len(todo) < 2:
+        keys = [k for k in sorted(todo) if store.lookup("filtered", k) is None]  # a concurrent sync built some
+        if len(keys) < min_files:
             return []
-        paths = [path for _, path, _ in todo]
-        builds = [stack.enter_context(store.build("filtered", key, spec=plan.spec)) for _, _, key in todo]
+        paths = [todo[k][0] for k in keys]
+        builds = [stack.enter_context(store.build("filtered", k, spec=plan.spec)) for k in keys]
         counts = run_curation_per_file(
             paths, src.kind, src.text_key, src.id_key, src.limit, src.shards, src.curation.model_dump(mode="json"),
             out_dirs=[b.dir for b in builds], workers=useful_workers(paths, foundry.workers, src.shards * len(paths),
                                                                     None if src.limit is None else src.limit * len(paths)),
-            logs_dir=store.root / "logs" / "filtered" / f"batch-{todo[0][2]}", executor=foundry.executor_settings(),
+            logs_dir=store.root / "logs" / "filtered" / f"batch-{keys[0]}", executor=foundry.executor_settings(),
             progress=progress,
         )
         for build, c in zip(builds, counts, strict=True):
             build.counts.update(c)
-    return [name for name, _, _ in todo]
+    return [name for k in keys for name in todo[k][1]]
+
+
+def prebuild_filtered(plan: AssetPlan, names: list[str], foundry: FoundryResource,
+                      progress: Progress | None = None) -> list[str]:
+    """Build the files of several partitions in one datatrove run.
+
+    Each partition run then finds its files' outputs (cache hits) and records them; without this,
+    every partition would start its own process pool. Returns the partitions whose files it built.
+    """
+    partitions = current_partitions(plan, foundry.data_path())
+    members = {part: partitions.get(part, {}) for part in names}
+    files = [(name, path, file_sha256(path)) for part in names for name, path in members[part].items()]
+    built = set(build_file_outputs(plan, files, foundry, progress, min_files=2))  # one file: its own run is as fast
+    return [part for part in names if built.intersection(members[part])]
+
+
+def materialize_filtered(context: AssetExecutionContext, foundry: FoundryResource, plan: AssetPlan) -> MaterializeResult:
+    """The body of a filtered_<source> partition: one file, or a batch of them."""
+    name = context.partition_key
+    files = current_partitions(plan, foundry.data_path()).get(name)
+    if not files:
+        folder = resolve_data_path(plan.context["source"].path, foundry.data_path())
+        raise FileNotFoundError(f"{plan.label}: partition '{name}' has no file under {folder} any more")
+    if plan.context["source"].batches is None:
+        [path] = files.values()
+        return materialize(context, foundry, plan, lambda ctx: build_filtered(ctx, path), describe_filtered,
+                           extra_inputs={"file": file_sha256(path)}, extra_metadata={"file": name})
+    rows = [(n, p, file_sha256(p)) for n, p in files.items()]
+    progress = Progress(f"curating {len(rows)} files",
+                        report=lambda r: context.log.info(f"{plan.label}[{name}]: {describe(r)}"))
+    # Outside the index build: a member output gone from the store is rebuilt even when the
+    # index itself is a cache hit.
+    built = build_file_outputs(plan, rows, foundry, progress)
+    members = [{"name": n, "sha256": sha, "key": shard_key(plan, sha)} for n, _, sha in rows]
+    return materialize(context, foundry, plan, lambda ctx: build_batch_index(ctx, members), describe_filtered,
+                       extra_inputs={"batch": members_digest((m["name"], m["sha256"]) for m in members)},
+                       extra_metadata={"files": len(rows), "files_curated": len(built)})
+
+
+def build_batch_index(ctx: BuildContext, members: list[dict[str, str]]) -> dict[str, Any]:
+    """A batch's output: its members' output keys (members.json) and their summed counts."""
+    store = ctx.foundry.store()
+    counts: dict[str, Any] = {"files": len(members), "documents": 0, "kept": 0, "dropped": 0, "reasons": {}}
+    for m in members:
+        manifest = store.lookup("filtered", m["key"])
+        if manifest is None:
+            raise PartitionsMissing(f"{ctx.plan.label}: the output of {m['name']} (key {m['key']}) left the store "
+                                    "while its batch was recorded; materialize the batch again")
+        for field in ("documents", "kept", "dropped"):
+            counts[field] += manifest.counts.get(field, 0)
+        for reason, n in manifest.counts.get("reasons", {}).items():
+            counts["reasons"][reason] = counts["reasons"].get(reason, 0) + n
+    atomic_write_json(ctx.out_dir / "members.json", members)
+    return counts
 
 
 def describe_filtered(manifest: Manifest) -> dict[str, Any]:

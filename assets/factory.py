@@ -16,11 +16,11 @@ from dagster import (
     asset,
 )
 
-from . import automation, checks
+from . import automation, checks, eval_curve, eval_steps
 from .contamination import build_contamination, contamination_spec, describe_contamination
-from .curation import build_curated, build_filtered, curated_spec, describe_curated, describe_filtered, filtered_spec
+from .curation import build_curated, curated_spec, describe_curated, filtered_spec, materialize_filtered
 from .engine import Builder, Describer, materialize
-from .evaluation import build_eval_report, describe_eval_report
+from .evaluation import build_eval_report, build_eval_step, describe_eval_report, describe_eval_step, heldout_inputs
 from .file_inputs import file_inputs
 from .mixture import build_mixture_asset, describe_mixture
 from .ocr_queue import build_ocr_queue, describe_ocr_queue, ocr_queue_spec
@@ -29,11 +29,10 @@ from .recipe import Recipe, source_files
 from .rephrase import build_rephrased, describe_rephrased, rephrase_spec
 from .resources import FoundryResource
 from .settings import resolve_data_path
-from .shards import current_files, partitions_def, partitions_name, shard_sensor
+from .shards import partitions_def, partitions_name, shard_sensor
 from .sources import build_raw, content_hash, describe_raw, file_table, fingerprint, raw_spec
 from .stats import build_data_stats, describe_data_stats, publish
-from .store import file_sha256
-from .tokenization import build_tokenized, build_tokenizer, describe_tokenized, describe_tokenizer
+from .tokenization import build_tokenized, build_tokenizer, describe_tokenized, describe_tokenizer, tokenized_spec
 from .training import build_checkpoint, describe_checkpoint, training_spec
 
 
@@ -57,8 +56,10 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
     for s, src in recipe.sources.items():
         filtered = AssetPlan(r, f"filtered_{s}", "filtered", filtered_spec(src), {},
                              f"Each file of '{s}' through extraction and the datatrove filters "
-                             "(one partition per file; new files are added by a sensor).",
-                             {"source": src, "raw": key(f"raw_{s}")}, partitions=partitions_name(r, s))
+                             f"(one partition per {'batch of files' if src.batches else 'file'}; "
+                             "new files are added by a sensor).",
+                             {"source": src, "raw": key(f"raw_{s}")},
+                             partitions=partitions_name(r, s, batched=src.batches is not None))
         plans.append(filtered)
         plans.append(AssetPlan(r, f"curated_{s}", "curated", curated_spec(src), {"raw": key(f"raw_{s}")},
                                f"'{s}' gathered from its file partitions and MinHash-deduplicated; "
@@ -86,8 +87,8 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
                                {"rephrase": spec, "name": name}))
     for s in recipe.corpora():
         upstream = f"curated_{s}" if s in recipe.sources else f"rephrased_{s}"
-        plans.append(AssetPlan(r, f"tokenized_{s}", "tokenized", {}, {"curated": key(upstream),
-                                                                       "tokenizer": key("tokenizer")},
+        plans.append(AssetPlan(r, f"tokenized_{s}", "tokenized", tokenized_spec(recipe.heldout_share(s)),
+                               {"curated": key(upstream), "tokenizer": key("tokenizer")},
                                f"Token ids of {upstream} with document boundaries."))
     plans.append(AssetPlan(r, "mixture", "mixture", recipe.mixture.model_dump(mode="json"),
                            {s: key(f"tokenized_{s}") for s in recipe.mixed_sources()},
@@ -98,8 +99,19 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
                            "A dense SmolLM-style model trained by `python -m training.train` through Dagster Pipes.",
                            {"recipe": recipe}))
     plans.append(AssetPlan(r, "eval_report", "eval_report", recipe.evals.model_dump(mode="json"),
-                           {"checkpoint": key("checkpoint"), "tokenizer": key("tokenizer")},
+                           {"checkpoint": key("checkpoint"), "tokenizer": key("tokenizer"), **heldout_inputs(recipe)},
                            "lighteval tasks and held-out loss of the checkpoint.", {"evals": recipe.evals}))
+    steps_plan = None
+    if recipe.training.keep_every:  # only then: recipes that keep no steps have the graph they had
+        report_plan = plans[-1]
+        steps_plan = AssetPlan(r, "eval_steps", eval_steps.KIND, recipe.evals.model_dump(mode="json"),
+                               {"tokenizer": key("tokenizer"), **heldout_inputs(recipe)},
+                               f"The eval report of each checkpoint step kept every {recipe.training.keep_every} "
+                               "steps (one partition per kept step; new ones are added by a sensor).",
+                               {"evals": recipe.evals, "checkpoint": key("checkpoint"), "report": key("eval_report")},
+                               after=(key("checkpoint"),), partitions=eval_steps.partitions_name(r))
+        plans.append(steps_plan)
+        report_plan.context["steps_plan"] = steps_plan  # eval_report's page shows the score curve too
     if recipe.contamination is not None:
         corpora = {s: key(f"curated_{s}" if s in recipe.sources else f"rephrased_{s}") for s in recipe.mixed_sources()}
         plans.append(AssetPlan(r, "contamination", "contamination", contamination_spec(recipe), corpora,
@@ -108,7 +120,10 @@ def recipe_plans(recipe: Recipe) -> list[AssetPlan]:
     stat_inputs = {p.name: p.key for p in plans if p.kind in ("curated", "ocr_queue", "rephrased", "tokenized",
                                                               "mixture", "checkpoint", "eval_report", "contamination")}
     plans.append(AssetPlan(r, "data_stats", "data_stats", {}, stat_inputs,
-                           "DuckDB views over this recipe's statistics (`foundry sql`)."))
+                           "DuckDB views over this recipe's statistics (`foundry sql`).",
+                           # the reports of kept steps are gathered by their computed keys
+                           {"eval_steps": steps_plan} if steps_plan else {},
+                           after=(steps_plan.key,) if steps_plan else ()))
     return plans
 
 
@@ -126,11 +141,11 @@ BUILDERS: dict[str, tuple[Builder, Describer]] = {
 }
 # Dagster concurrency pools (limits live in the instance: dagster.yaml, profiles/): one trainer or
 # evaluator on the accelerator at a time, one writer of stats.duckdb.
-POOLS = {"checkpoint": "gpu", "eval_report": "gpu", "data_stats": "duckdb"}
+POOLS = {"checkpoint": "gpu", "eval_report": "gpu", "eval_step": "gpu", "data_stats": "duckdb"}
 KINDS = {
     "raw": {"json"}, "filtered": {"datatrove"}, "curated": {"datatrove"}, "rephrased": {"llm"},
     "ocr_queue": {"parquet"},
-    "tokenizer": {"tokenizers"}, "tokenized": {"numpy"}, "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "data_stats": {"duckdb"}, "contamination": {"duckdb"},
+    "tokenizer": {"tokenizers"}, "tokenized": {"numpy"}, "mixture": {"numpy"}, "checkpoint": {"pytorch"}, "eval_report": {"lighteval"}, "eval_step": {"lighteval"}, "data_stats": {"duckdb"}, "contamination": {"duckdb"},
 }
 
 
@@ -153,14 +168,7 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
     if plan.kind == "filtered":
 
         def run_filtered(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
-            name = context.partition_key
-            files = current_files(plan, foundry.data_path())
-            if name not in files:
-                raise FileNotFoundError(f"{plan.label}: partition '{name}' has no file under "
-                                        f"{resolve_data_path(plan.context['source'].path, foundry.data_path())} any more")
-            path = files[name]
-            return materialize(context, foundry, plan, lambda ctx: build_filtered(ctx, path), describe_filtered,
-                               extra_inputs={"file": file_sha256(path)}, extra_metadata={"file": name})
+            return materialize_filtered(context, foundry, plan)  # one file or a batch of files
 
         return run_filtered
     if plan.kind in ("tokenizer", "rephrased"):
@@ -175,11 +183,27 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
             return materialize(context, foundry, plan, build, describe, extra_inputs=files)
 
         return run_with_files
+    if plan.kind == eval_steps.KIND:
+        return _eval_step_body(plan)
     build, describe = BUILDERS[plan.kind]
+    if plan.kind == "eval_report" and "steps_plan" in plan.context:
+
+        def run_eval_report(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+            result = materialize(context, foundry, plan, build, describe)
+            final = foundry.store().lookup("eval_report", result.metadata["store_key"])
+            return _with_curve(result, plan.context["steps_plan"], context, foundry, final=final)
+
+        return run_eval_report
     if plan.kind == "data_stats":
 
         def run_stats(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
-            result = materialize(context, foundry, plan, build, describe)
+            steps_plan = plan.context.get("eval_steps")
+            if steps_plan is None:
+                result = materialize(context, foundry, plan, build, describe)
+            else:  # the reports of kept steps evaluated so far; which ones they are enters the key
+                found = eval_steps.evaluated(steps_plan, foundry.store(), *eval_steps.records(steps_plan, context.instance))
+                result = materialize(context, foundry, plan, lambda ctx: build(ctx, [m for _, m in found]), describe,
+                                     extra_inputs={"eval_steps": eval_steps.outputs_digest(found)})
             store = foundry.store()
             manifest = store.lookup("data_stats", result.metadata["store_key"])
             db = publish(store.root, plan.recipe, manifest)
@@ -192,6 +216,38 @@ def _body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource],
         return materialize(context, foundry, plan, build, describe)
 
     return run
+
+
+def _eval_step_body(plan: AssetPlan) -> Callable[[AssetExecutionContext, FoundryResource], MaterializeResult]:
+    """One kept step (the partition) of the current checkpoint through the evaluation."""
+
+    def run_eval_step(context: AssetExecutionContext, foundry: FoundryResource) -> MaterializeResult:
+        name = context.partition_key
+        checkpoint, _ = eval_steps.records(plan, context.instance)
+        store = foundry.store()
+        manifest = store.lookup("checkpoint", checkpoint.store_key) if checkpoint and checkpoint.store_key else None
+        if manifest is None:
+            raise FileNotFoundError(f"{plan.label}: the checkpoint is not built (or left the store at {store.root}); "
+                                    "run `foundry sync` first")
+        kept = {k.name: k for k in eval_steps.kept_steps(manifest)}
+        if name not in kept:
+            raise FileNotFoundError(f"{plan.label}: partition '{name}' is not a step kept by the current checkpoint "
+                                    f"({manifest.key}), which keeps {', '.join(kept) or 'none'}")
+        step = kept[name]
+        result = materialize(context, foundry, plan, lambda ctx: build_eval_step(ctx, step), describe_eval_step,
+                             extra_inputs=step.inputs, extra_metadata={"checkpoint_key": manifest.key})
+        return _with_curve(result, plan, context, foundry)
+
+    return run_eval_step
+
+
+def _with_curve(result: MaterializeResult, steps_plan: AssetPlan, context: AssetExecutionContext,
+                foundry: FoundryResource, final=None) -> MaterializeResult:
+    """Add the score-vs-tokens table and plot over every evaluated step of the checkpoint."""
+    pts = eval_curve.points(steps_plan, context.instance, foundry.store(), final=final)
+    meta = eval_curve.curve_metadata(pts, f"{steps_plan.recipe}: score vs training tokens")
+    return MaterializeResult(metadata={**result.metadata, **meta}, data_version=result.data_version,
+                             check_results=result.check_results)
 
 
 def asset_for(plan: AssetPlan, recipe: Recipe) -> AssetsDefinition:
@@ -224,7 +280,8 @@ def recipe_assets(recipe: Recipe, origin: str | Path) -> RecipeAssets:
         origin=str(origin),
         plans=by_key,
         assets=[asset_for(p, recipe) for p in plans],
-        sensors=[shard_sensor(p, by_key[p.context["raw"]]) for p in plans if p.partitions],
+        sensors=[shard_sensor(p, by_key[p.context["raw"]]) if p.kind == "filtered"
+                 else eval_steps.steps_sensor(p, recipe.automation.evaluation) for p in plans if p.partitions],
     )
 
 

@@ -32,7 +32,7 @@ FIGURES = ("chars_per_page", "image_only_share", "scanned_share", "garbled_share
 SCHEMA = pa.schema([
     ("source", pa.string()),
     ("doc_id", pa.string()),  # the file's sha256, as in the curation table
-    ("file", pa.string()),  # path under the source folder (the file partition's name)
+    ("file", pa.string()),  # path under the source folder (as in files.json and the curation table)
     ("pages", pa.int64()),
     ("ocr_score", pa.float64()),
     ("reason", pa.string()),  # needs_ocr | no_text_layer

@@ -275,6 +275,13 @@ class SourceSpec(Strict):
     id_key: str = "id"
     limit: int | None = Field(None, gt=0, description="read at most this many documents from each file")
     shards: int = Field(2, ge=1, le=1024, description="output shards; workers never exceed it")
+    # Left out of the dump while unset, and out of every hash when set: it groups file partitions
+    # for Dagster, while outputs stay per file (assets/file_batches.py says why).
+    batches: int | None = Field(
+        None, strict=True, ge=1, le=65536, exclude_if=_unset,
+        description="partitions of filtered_<source>: files are dealt by a hash of their path into this many "
+        "batches (batch-000, ...); unset: one partition per file",
+    )
     curation: CurationSpec = Field(CurationSpec(), description="kind pdf: unset steps take PDF_CURATION's values")
 
     @model_validator(mode="before")
@@ -597,11 +604,28 @@ class TrainingSpec(Strict):
     log_every: int = Field(10, gt=0)
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches of batch_size per optimizer step")
     skip_spikes: SkipSpikesSpec | None = Field(None, description="loss-spike skipping; null = off")
+    keep_every: int | None = Field(None, gt=0, description="keep the weights of every N-th step in the checkpoint "
+                                   "output (steps/step_<N>/); each is evaluated as a partition of eval_steps")
+    on_nonfinite: Literal["stop", "rollback"] = Field(
+        "stop", description="NaN/inf loss or gradient norm: stop the run, or roll back to the last resumable "
+        "checkpoint, skip the batches up to the bad step and go on")
+    max_rollbacks: int = Field(3, ge=1, description="with on_nonfinite: rollback, stop after this many rollbacks")
+
+    @model_validator(mode="after")
+    def _keep_every_below_steps(self) -> "TrainingSpec":
+        if self.keep_every is not None and self.keep_every >= self.steps:
+            raise ValueError(f"keep_every ({self.keep_every}) must be smaller than steps ({self.steps}): "
+                             "the last step is the checkpoint itself")
+        return self
 
     def hashed(self) -> dict[str, Any]:
-        """Fields added later are left out at their defaults (grad_accum_steps 1, skip_spikes off),
-        so older recipes keep their identity."""
-        return _dump_without_defaults(self, {"grad_accum_steps": 1, "skip_spikes": None})
+        """Fields added later are left out at their defaults (grad_accum_steps 1, skip_spikes off,
+        keep_every off, on_nonfinite stop, max_rollbacks 3), so older recipes keep their identity."""
+        return _dump_without_defaults(self, TRAINING_OPTIONAL_DEFAULTS)
+
+
+TRAINING_OPTIONAL_DEFAULTS = {"grad_accum_steps": 1, "skip_spikes": None, "keep_every": None, "on_nonfinite": "stop",
+                              "max_rollbacks": 3}
 
 
 class EvalSpec(Strict):
@@ -610,11 +634,32 @@ class EvalSpec(Strict):
     max_items: int = Field(100, gt=0)
     heldout: Literal["wikitext2"] | None = "wikitext2"
     heldout_max_tokens: int = Field(50_000, gt=0)
+    # Share of each curated source's documents held out of training (chosen by a hash of the
+    # document id; see dataprep.tokenize) and scored as `heldout:<source>`. Left out of the dump
+    # (so of every hash) while off: recipes that do not opt in keep their identity.
+    heldout_share: float | dict[str, float] = Field(
+        0.0, exclude_if=lambda v: not v or (isinstance(v, dict) and not any(v.values())),
+        description="held-out share of every source, or per source ({fineweb: 0.01}; unnamed sources: 0)")
     seed: int = 0
     # Left out of the dump (so of the eval report's hash) at 0: zero-shot recipes keep their identity.
     num_fewshot: int = Field(0, ge=0, le=25, exclude_if=lambda v: v == 0,
                              description="solved examples before each prompt, drawn with `seed` from "
                              "items not scored (evaluation.tasks)")
+
+    @field_validator("heldout_share")
+    @classmethod
+    def _heldout_share_valid(cls, share: float | dict[str, float]) -> float | dict[str, float]:
+        for name, value in (share.items() if isinstance(share, dict) else [("", share)]):
+            if not 0 <= value <= 0.5:  # above half, "held out" would be most of the data
+                where = f" of '{name}'" if name else ""
+                raise ValueError(f"held-out share{where} must be between 0 and 0.5 (got {value})")
+        return share
+
+    def heldout_share_of(self, source: str) -> float:
+        """The share of `source`'s documents held out of training (0: none)."""
+        if isinstance(self.heldout_share, dict):
+            return float(self.heldout_share.get(source, 0.0))
+        return float(self.heldout_share)
 
     @field_validator("tasks")
     @classmethod
@@ -710,7 +755,18 @@ class Recipe(Strict):
             unknown = sorted(set(self.mixture.max_epochs) - set(corpora))
             if unknown:
                 raise ValueError(f"mixture.max_epochs names unknown source(s) {unknown}")
+        if isinstance(self.evals.heldout_share, dict):
+            unknown = sorted(set(self.evals.heldout_share) - set(self.sources))
+            if unknown:
+                raise ValueError(f"evals.heldout_share names unknown source(s) {unknown}; "
+                                 f"sources are {sorted(self.sources)}")
         return self
+
+    def heldout_share(self, corpus: str) -> float:
+        """Held-out share of a corpus; a rephrased corpus follows its source, so a held-out
+        document is not trained on in rephrased form either."""
+        source = self.rephrase[corpus].source if corpus in self.rephrase else corpus
+        return self.evals.heldout_share_of(source)
 
     def corpora(self) -> list[str]:
         """Everything that can be tokenized and mixed: sources, then rephrased corpora."""

@@ -20,8 +20,8 @@ from .store import Manifest, atomic_write_json, file_sha256
 
 
 def raw_spec(src: SourceSpec) -> dict[str, Any]:
-    """The part of a source that defines what is read (curation settings excluded)."""
-    return src.model_dump(mode="json", exclude={"curation", "shards"})
+    """The part of a source that defines what is read (curation settings and partitioning excluded)."""
+    return src.model_dump(mode="json", exclude={"curation", "shards", "batches"})
 
 
 def reader_spec(src: SourceSpec) -> dict[str, Any]:

@@ -8,9 +8,9 @@ the plans, the same way the asset bodies compute store keys:
              its source files changed on disk (raw), or its output left the store
     fresh    otherwise
 
-A partitioned asset (one partition per source file) is one node here: fresh when every file
-raw_<source> recorded has a partition materialized with the output key that file gives now.
-Sync registers new files as partitions and runs only the partitions that are not fresh.
+A partitioned asset (one partition per source file, or per batch of files) is one node here:
+fresh when every partition of the files raw_<source> recorded is materialized with the output
+key its files give now. Sync registers new partitions and runs only those that are not fresh.
 
 Staleness reaches a child only once the parent is rebuilt and reports a *new* data version,
 so sync works in rounds: build the stale assets whose inputs are all fresh, then look again.
@@ -32,7 +32,7 @@ from dagster import AssetKey, DagsterInstance, Definitions
 
 from dataprep.progress import Progress, describe
 
-from . import lineage
+from . import eval_steps, lineage
 from .curation import prebuild_filtered
 from .engine import read_json
 from .factory import RecipeAssets
@@ -41,7 +41,7 @@ from .plan import AssetPlan
 from .recipe import source_files
 from .resources import FoundryResource
 from .settings import data_root, store_root
-from .shards import shard_key
+from .shards import expected_partitions, shard_key
 from .sources import fingerprint
 from .stats import repair_database
 from .store import ArtifactStore
@@ -60,8 +60,25 @@ class AssetState:
 def _upstream(plan: AssetPlan) -> list[AssetKey]:
     """What must be fresh before this asset is built: inputs, ordering deps, a partitioned
     asset's file listing."""
-    extra = [plan.context["raw"]] if plan.partitions else []
+    extra = [plan.context["raw"]] if plan.partitions and "raw" in plan.context else []
     return list(dict.fromkeys([*plan.deps, *extra]))
+
+
+def _steps_state(instance: DagsterInstance, plan: AssetPlan, states: dict[AssetKey, AssetState],
+                 store: ArtifactStore) -> AssetState:
+    """eval_steps: one partition per step the current checkpoint kept (assets/eval_steps.py)."""
+    waiting = [k for k in _upstream(plan) if states[k].status != "fresh"]
+    if waiting:
+        return AssetState(plan, "missing" if any(states[k].status == "missing" for k in waiting) else "stale",
+                          f"waiting for {', '.join(k.to_user_string() for k in waiting)}")
+    inputs = {role: states[key].record for role, key in plan.inputs.items()}
+    todo, names = eval_steps.to_evaluate(plan, instance, store, states[plan.context["checkpoint"]].record, inputs)
+    if not todo:
+        return AssetState(plan, "fresh", "", None)
+    shown = ", ".join(k.name for k, _ in todo[:3]) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
+    return AssetState(plan, "missing" if len(todo) == len(names) else "stale",
+                      f"{len(todo)} of {len(names)} kept checkpoint steps to evaluate: {shown}", None,
+                      direct=True, partitions=[k.name for k, _ in todo])
 
 
 def _partitioned_state(instance: DagsterInstance, plan: AssetPlan, states: dict[AssetKey, AssetState],
@@ -72,19 +89,21 @@ def _partitioned_state(instance: DagsterInstance, plan: AssetPlan, states: dict[
                           f"waiting for the file listing ({listing.plan.label})")
     raw = store.lookup("raw", listing.record.store_key)
     files = read_json(raw.path / "files.json") if raw else []
-    names = [row["name"] for row in files]
-    records = lineage.latest_by_partition(instance, plan.key, names)
+    expected = expected_partitions(plan, files)  # partition -> (store key, its files)
+    records = lineage.latest_by_partition(instance, plan.key, list(expected))
+    file_key = {row["name"]: shard_key(plan, row["sha256"]) for row in files}
     todo = []
-    for row in files:
-        key = shard_key(plan, row["sha256"])
-        rec = records.get(row["name"])
-        if rec is None or rec.store_key != key or store.lookup("filtered", key) is None:
-            todo.append(row["name"])
+    for name, (key, members) in expected.items():
+        rec = records.get(name)
+        outputs = {key, *(file_key[m] for m in members)}  # a batch's index and its files' outputs
+        if rec is None or rec.store_key != key or any(store.lookup("filtered", k) is None for k in outputs):
+            todo.append(name)
     if not todo:
         return AssetState(plan, "fresh", "", None)
     shown = ", ".join(todo[:3]) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
     status = "missing" if not records else "stale"
-    return AssetState(plan, status, f"{len(todo)} of {len(files)} file partitions to build: {shown}", None,
+    what = "file" if plan.context["source"].batches is None else "batch"
+    return AssetState(plan, status, f"{len(todo)} of {len(expected)} {what} partitions to build: {shown}", None,
                       direct=True, partitions=todo)
 
 
@@ -112,6 +131,12 @@ def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, 
             return f"{role} file changed on disk"
     if rec.store_key is None or store.lookup(plan.kind, rec.store_key) is None:
         return "output missing from the store"
+    steps_plan = plan.context.get("eval_steps") if plan.kind == "data_stats" else None
+    if steps_plan is not None:  # it gathers the reports of kept steps: one more (or a new one) makes it stale
+        inputs = {role: states[key].record for role, key in steps_plan.inputs.items()}
+        found = eval_steps.evaluated(steps_plan, store, states[steps_plan.context["checkpoint"]].record, inputs)
+        if rec.inputs.get("eval_steps") != eval_steps.outputs_digest(found):
+            return "reports of kept checkpoint steps changed"
     return ""
 
 
@@ -135,7 +160,8 @@ def compute_states(instance: DagsterInstance, recipes: list[RecipeAssets],
     for ra in recipes:
         for plan in ra.plans.values():  # topological order
             if plan.partitions:
-                states[plan.key] = _partitioned_state(instance, plan, states, store)
+                states[plan.key] = (_steps_state(instance, plan, states, store) if plan.kind == eval_steps.KIND
+                                    else _partitioned_state(instance, plan, states, store))
                 continue
             rec = lineage.latest(instance, plan.key)
             if rec is None:
@@ -274,15 +300,15 @@ def _run_round(job, instance: DagsterInstance, states: dict[AssetKey, AssetState
         plan = states[key].plan
         names = states[key].partitions
         built: list[str] = []
-        if len(names) > 1:
+        if len(names) > 1 and plan.kind == "filtered":
             t0 = time.time()
-            meter = Progress(f"{plan.label}: curating {len(names)} files", report=lambda r: echo(f"  {describe(r)}"))
+            meter = Progress(f"{plan.label}: curating {len(names)} partitions", report=lambda r: echo(f"  {describe(r)}"))
             try:
                 built = prebuild_filtered(plan, names, FoundryResource(), progress=meter)
             except Exception as err:  # noqa: BLE001 - each partition's own run reports the error in detail
                 echo(f"  ! {plan.label}: batch build failed ({type(err).__name__}: {err}); building one by one")
             if built:
-                echo(f"  ⇶ {plan.label}: {len(built)} files curated in one datatrove run ({time.time() - t0:.1f}s)")
+                echo(f"  ⇶ {plan.label}: {len(built)} partitions curated in one datatrove run ({time.time() - t0:.1f}s)")
         _add_partitions(instance, plan.partitions, names)
         for name in names:
             result = _execute(job, instance, [key], partition=name)
