@@ -58,6 +58,7 @@ def _evaluate(ctx: BuildContext, ckpt_dir: Path, step: int | None, tokens: int |
             seed=spec.seed,
             num_fewshot=spec.num_fewshot,
             heldout_sources=heldout_folders(ctx),
+            progress=ctx.progress("scoring eval choices", unit="choices"),
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -96,11 +96,12 @@ def describe(record: Record) -> str:
                 f"({record['rate']:,.1f} {unit}/s)")
     count = f"{record['done']:,}" + (f"/{record['total']:,}" if record.get("total") else "")
     share = f" ({100 * record['fraction']:.0f}%)" if record.get("fraction") is not None else ""
-    eta = "ETA ?" if record.get("eta_s") is None else f"ETA {_duration(record['eta_s'])}"
+    eta = "ETA ?" if record.get("eta_s") is None else f"ETA {format_duration(record['eta_s'])}"
     return f"{record['what']}: {count} {unit}{share} | {record['rate']:,.1f} {unit}/s | {eta}"
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"

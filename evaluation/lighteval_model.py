@@ -84,6 +84,8 @@ class FoundryLightevalModel(LightevalModel):
             raise ValueError(f"tokenizer has no {EOS_TOKEN!r} token; pass prepend_eos=False")
         self.prompt_manager = PromptManager(use_chat_template=False, tokenizer=None, system_prompt=None)
         self._cache = SampleCache(config)  # required by Pipeline (it calls _cache._init_registry)
+        # a dataprep.progress.Progress counting scored choices, or None; not in the config, which keys the cache
+        self.progress = None
 
     # --- LightevalModel's abstract properties -------------------------------------------------
     @property
@@ -145,6 +147,8 @@ class FoundryLightevalModel(LightevalModel):
         groups: lists of request indices that may share a prefix tree (one item's choices);
         None = every request alone. Ignored on the naive path (``shared_prefix=False``)."""
         prepared = self._prepare(pairs)
+        if self.progress is not None:  # lighteval asks for every task's requests in one call
+            self.progress.total = (self.progress.total or 0) + len(prepared)
         if not self.config.shared_prefix or not supports_tree(self.model):
             return self._score_naive(prepared)
         if groups is None:
@@ -153,7 +157,7 @@ class FoundryLightevalModel(LightevalModel):
         if covered != list(range(len(prepared))):
             raise ValueError("groups must hold every request index exactly once")
         rows = pack_groups([[(i, prepared[i][0], prepared[i][1]) for i in g] for g in groups], self.max_length)
-        scores = score_rows(self.model, rows, self.config.batch_size, len(prepared))
+        scores = score_rows(self.model, rows, self.config.batch_size, len(prepared), on_batch=self._count_scored)
         return [(lp, greedy, p[2]) for (lp, greedy), p in zip(scores, prepared, strict=True)]
 
     @torch.inference_mode()
@@ -181,7 +185,12 @@ class FoundryLightevalModel(LightevalModel):
                 token_lp = lp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                 greedy = bool((lp.argmax(dim=-1) == targets).all())
                 results[i] = (float(token_lp.sum()), greedy, truncated)
+            self._count_scored(len(idxs))
         return results  # type: ignore[return-value]
+
+    def _count_scored(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress.advance(n)
 
     def context_for(self, doc: Doc) -> str:
         return self.prompt_manager.prepare_prompt(doc)

@@ -88,6 +88,7 @@ def run_lighteval(
     batch_size: int = 32,
     lighteval_model=None,
     num_fewshot: int = 0,
+    progress=None,
 ) -> tuple[list[dict], list[dict], dict[str, str]]:
     """Run the tasks through lighteval's Pipeline. Returns (metric rows, per-item rows, failed).
 
@@ -132,6 +133,8 @@ def run_lighteval(
                 batch_size=batch_size,
             ),
         )
+    if progress is not None:  # a dataprep.progress.Progress: choices scored so far
+        lighteval_model.progress = progress
 
     results: dict = {}
     details: dict = {}
@@ -237,6 +240,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     num_fewshot: int = 0,
     heldout_sources: dict[str, Path] | None = None,
+    progress=None,
 ) -> dict:
     """Evaluate one checkpoint.
 
@@ -250,6 +254,7 @@ def evaluate_checkpoint(
       heldout: a key of ``HELDOUT_SETS`` or None.
       seed: selects the item subset (and the few-shot examples).
       num_fewshot: solved examples put before each prompt (see evaluation.tasks); 0 = zero-shot.
+      progress: a dataprep.progress.Progress that counts the choices scored (the UI and log show rate and ETA).
       heldout_sources: source name -> folder of its held-out documents' tokens (the ``heldout/``
         folder of a tokenized output); each is scored up to heldout_max_tokens as task
         ``heldout:<source>`` with n_items = documents scored. One that cannot be scored (e.g. no
@@ -299,8 +304,10 @@ def evaluate_checkpoint(
         t0 = time.perf_counter()
         task_rows, item_rows, failed = run_lighteval(
             model, tokenizer, tasks, max_items, data_root, work_dir, model_name, ckpt_id, seed=seed,
-            num_fewshot=num_fewshot,
+            num_fewshot=num_fewshot, progress=progress,
         )
+        if progress is not None:
+            progress.finish()
         rows.extend(task_rows)
         timings["tasks"] = time.perf_counter() - t0
 

@@ -22,6 +22,8 @@ Shape legend: B rows, T nodes per row (padded), V vocab, D head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,8 +138,11 @@ def supports_tree(model) -> bool:
 
 
 @torch.inference_mode()
-def score_rows(model, rows: list[TreeRow], batch_size: int, n_requests: int) -> list[tuple[float, bool]]:
-    """(sum log-prob of the continuation, is it the greedy continuation) per request index."""
+def score_rows(model, rows: list[TreeRow], batch_size: int, n_requests: int,
+               on_batch: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+    """(sum log-prob of the continuation, is it the greedy continuation) per request index.
+
+    on_batch(n): called after each batch with the number of requests it scored (progress)."""
     cfg = model.config
     eos_id = cfg.eos_token_id if cfg.intra_doc_mask else None
     device = next(model.parameters()).device
@@ -171,6 +176,8 @@ def score_rows(model, rows: list[TreeRow], batch_size: int, n_requests: int) -> 
         for request, n in owners:
             results[request] = (float(token_lp[offset : offset + n].sum()), bool(hit[offset : offset + n].all()))
             offset += n
+        if on_batch is not None:
+            on_batch(len(owners))
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise RuntimeError(f"requests {missing[:5]} were not scored (packing bug)")

@@ -155,3 +155,19 @@ def test_tree_layout_restarts_documents_after_eos():
     assert mask[1].tolist() == [False, True, False, False, False, False, False]
     assert mask[3].tolist() == [False, True, True, True, False, False, False]
     assert np.array_equal(mask[5:, 5:], np.eye(2, dtype=bool)) and not mask[5:, :5].any()
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_progress_counts_every_scored_choice(tok, docs, shared_prefix):
+    from dataprep.progress import Progress
+
+    records = []
+    lm = _lm(_model(tok), tok, shared_prefix=shared_prefix, batch_size=4)
+    lm.progress = Progress("scoring eval choices", report=records.append, unit="choices", every=0.0)
+    lm.score_docs(docs)
+    choices = sum(len(d.choices) for d in docs)
+    done = lm.progress.finish()
+    assert lm.progress.total == choices and done["done"] == choices and done["eta_s"] == 0.0
+    progress = [r for r in records if r["event"] == "progress"]
+    assert len(progress) >= 2 and progress[0]["done"] < choices  # reported batch by batch, with a rate
+    assert all(r["rate"] > 0 and r["eta_s"] is not None for r in progress)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -360,6 +361,15 @@ def test_train_main_end_to_end(tmp_path, capsys):
     assert [e["step"] for e in events if e["event"] == "metrics"] == [1, 5, 10, 15, 20]
     assert events[-1]["event"] == "summary"
     assert "step 20/20 | loss" in captured.err
+    assert re.search(r"step 10/20 \| .* \| ETA (\d+m\d\ds|\d+s)", captured.err)  # time left, from the mean step
+    assert "step 20/20" in captured.err and "| ETA 0s" in captured.err.split("step 20/20")[1].splitlines()[0]
+
+
+def test_eta_format():
+    assert train_mod._eta(10.0, 5, 5) == "10s"
+    assert train_mod._eta(60.0, 10, 25) == "2m30s"
+    assert train_mod._eta(3600.0, 1, 2) == "2h00m"  # format_duration: dataprep.progress
+    assert train_mod._eta(1.0, 0, 5) == "?"
 
 
 def test_train_is_deterministic(tmp_path):

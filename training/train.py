@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from dataprep.progress import format_duration
 from training import distributed, kept_steps, resume
 from training.atomic import atomic_path, write_json_atomic
 from training.checkpoint import save_checkpoint
@@ -139,6 +140,11 @@ def _launcher_watch():
         return alive
     first = os.getppid()
     return lambda: os.getppid() == first
+
+
+def _eta(elapsed_s: float, steps_done: int, steps_left: int) -> str:
+    """Time left at this process's mean step time so far."""
+    return "?" if steps_done <= 0 else format_duration(elapsed_s / steps_done * steps_left)
 
 
 def train(run: RunConfig, reporter: Reporter, world: World | None = None) -> dict:
@@ -312,7 +318,8 @@ def _train(run: RunConfig, reporter: Reporter, world: World, device: str) -> dic
                 load_rows += expert_load.flush(step)
             reporter.log(
                 f"step {step}/{tc.steps} | loss {loss_value:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} "
-                f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}{moe_note}{logit_note}"
+                f"| {record['tokens_per_s']:,.0f} tok/s | epoch {stream.epochs_completed}"
+                f" | ETA {_eta(time.perf_counter() - t_start, step - start_step, tc.steps - step)}{moe_note}{logit_note}"
             )
             reporter.metrics({**record, **extra})
         if kept_steps.is_kept(step, tc.keep_every, tc.steps) and world.is_main:
