@@ -217,10 +217,13 @@ def _check_no_overlap(origin: Path, chosen: list[tuple[str, OverrideSet]]) -> No
 
 
 def _check_metric_measured(origin: Path, metric: str, runs: list[Run]) -> None:
-    """best_of.by must name something every run measures: train/..., an eval task, the held-out set."""
+    """best_of.by must name something every run measures: train/..., an eval task, the held-out
+    text set, or a source's held-out split (heldout:<source>)."""
     prefix = metric.rsplit("/", 1)[0]
     for run in runs:
-        measured = {"train", *run.recipe.evals.tasks, *([run.recipe.evals.heldout] if run.recipe.evals.heldout else [])}
+        r = run.recipe
+        measured = {"train", *r.evals.tasks, *([r.evals.heldout] if r.evals.heldout else []),
+                    *(f"heldout:{s}" for s in r.sources if r.heldout_share(s) > 0)}  # held-out split per source
         if prefix not in measured:
             raise RecipeError(f"{origin}: best_of.by: '{metric}' is not measured by variant '{run.variant}' "
                               f"(it has {sorted(measured)})")

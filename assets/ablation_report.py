@@ -269,8 +269,10 @@ def _metric_order(metrics: set[str]) -> list[str]:
 
 
 def _default_by(metrics: set[str]) -> str:
+    """Bits per byte on the held-out text set (same text for every variant), else on a source's
+    held-out split, else the final training loss."""
     bpb = sorted(m for m in metrics if m.endswith("/bits_per_byte"))
-    return bpb[0] if bpb else TRAIN_LOSS
+    return min(bpb, key=lambda m: (m.startswith("heldout:"), m)) if bpb else TRAIN_LOSS
 
 
 def _pick_best(grid_runs: list[RunOutputs], axis: str, by: str | None,

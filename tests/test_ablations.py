@@ -177,6 +177,29 @@ def test_bad_ablation_files_fail_with_the_file_and_field(tmp_path, fields, messa
     assert str(path) in str(err.value)
 
 
+def test_best_of_may_rank_by_a_sources_held_out_split(tmp_path):
+    grid = {"lr": [{"name": "lo", "overrides": {"optimizer": {"lr": 0.001}}},
+                   {"name": "hi", "overrides": {"optimizer": {"lr": 0.01}}}]}
+    held = {"evals": {"heldout_share": {"fineweb": 0.05}}}
+    path = _ablation(tmp_path, overrides=held, variants=[{"name": "a"}], grid=grid,
+                     best_of={"axis": "lr", "by": "heldout:fineweb/bits_per_byte"})
+    assert len(load_ablation(path).runs) == 2
+    path = _ablation(tmp_path, variants=[{"name": "a"}], grid=grid,  # commoncrawl holds nothing out
+                     overrides=held, best_of={"axis": "lr", "by": "heldout:commoncrawl/bits_per_byte"})
+    with pytest.raises(RecipeError, match=r"'heldout:commoncrawl/bits_per_byte' is not measured"):
+        load_ablation(path)
+
+
+def test_default_ranking_metric_prefers_the_shared_held_out_text():
+    from assets.ablation_report import _default_by
+
+    assert _default_by({"heldout:commoncrawl/bits_per_byte", "wikitext2/bits_per_byte", "train/final_loss"}) == \
+        "wikitext2/bits_per_byte"
+    assert _default_by({"heldout:fineweb/bits_per_byte", "heldout:commoncrawl/bits_per_byte"}) == \
+        "heldout:commoncrawl/bits_per_byte"
+    assert _default_by({"hellaswag/acc"}) == "train/final_loss"
+
+
 def test_ablation_base_must_exist(tmp_path):
     path = write(tmp_path / "abl.yaml", {"name": "abl", "base": "nowhere.yaml", "variants": [{"name": "a"}]})
     with pytest.raises(RecipeError, match=r"abl\.yaml: base: recipe file not found: .*nowhere\.yaml"):
