@@ -23,7 +23,6 @@ Shape legend: B rows, T nodes per row (padded), V vocab, D head dim.
 from __future__ import annotations
 
 from collections.abc import Callable
-
 from dataclasses import dataclass, field
 
 import numpy as np

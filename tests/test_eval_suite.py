@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", str(Path(__file__).resolve().parents[1] / ".cache" / "hf"))
 
+import pyarrow.parquet as pq
 import pytest
 
 from evaluation.tasks import LETTERS, TASK_SPECS, known_tasks, load_records, prepare_task_dataset
@@ -440,11 +441,16 @@ def test_eval_asset_passes_num_fewshot_and_reports_failed_tasks(tmp_path, monkey
     out.mkdir()
     ctx = SimpleNamespace(
         plan=SimpleNamespace(context={"evals": EvalSpec(tasks=["arc_easy", "copa"], num_fewshot=3)}, label="r"),
-        upstream={"checkpoint": SimpleNamespace(dir=tmp_path / "ckpt"), "tokenizer": SimpleNamespace(dir=tmp_path)},
+        upstream={"checkpoint": SimpleNamespace(dir=tmp_path / "ckpt", manifest=SimpleNamespace(
+                      counts={"steps": 6, "tokens": 1536})),
+                  "tokenizer": SimpleNamespace(dir=tmp_path)},
         foundry=SimpleNamespace(data_path=lambda: DATA_ROOT), out_dir=out,
         log=SimpleNamespace(info=logged.append, error=logged.append),
+        progress=lambda what, total=None, unit="documents": None,
     )
     counts = build_eval_report(ctx)
+    evals = pq.read_table(out / "evals.parquet").to_pylist()
+    assert [(r["task"], r["step"], r["tokens"]) for r in evals] == [("arc_easy", 6, 1536)]  # the final step
     assert seen["num_fewshot"] == 3 and seen["tasks"] == ["arc_easy", "copa"]
     assert counts["failed"] == {"copa": "copa: copa.jsonl: row 1 is malformed"}
     report = json.loads((out / "report.json").read_text())
