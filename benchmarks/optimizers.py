@@ -91,7 +91,8 @@ def vocab_of(mixture: Path) -> int:
     """Model vocabulary big enough for every token id in the mixture (rounded up to 64)."""
     top = 0
     for entry in json.loads((mixture / "sources.json").read_text()):
-        tokens = np.load(Path(entry["tokenized"]) / "tokens.npy", mmap_mode="r")
+        tok_dir = mixture / entry["tokenized"]  # relative entries are anchored at the mixture, as training.data does
+        tokens = np.load(tok_dir / "tokens.npy", mmap_mode="r")
         top = max(top, int(tokens.max()) if len(tokens) else 0)
     return (top + 1 + 63) // 64 * 64
 
