@@ -144,6 +144,12 @@ def _materialize_in_thread(instance: DagsterInstance) -> threading.Thread:
     return thread
 
 
+# The threaded runs below would capture their step's logs through `tail -F` children that outlive a
+# run still finishing when the test ends; log capture is not what these tests are about.
+NO_LOG_CAPTURE = {"compute_logs": {"module": "dagster._core.storage.noop_compute_log_manager",
+                                   "class": "NoOpComputeLogManager"}}
+
+
 def _materialized_within(instance: DagsterInstance, seconds: float) -> bool:
     """Whether gpu_step's materialization is recorded within `seconds`: the step ran, so it did not
     wait on a slot (what the run does after its step is not the question here)."""
@@ -159,7 +165,7 @@ def test_a_killed_runs_gpu_slot_cannot_block_the_next_sync(tmp_path):
     """A SIGKILLed `foundry sync` never frees its slot, and Dagster cannot see that a local
     process died. With the local profile's run granularity, in-process runs (sync) claim no slot;
     with op granularity (the control) the next run would wait on that slot forever."""
-    with _instance(_home(tmp_path, "local.yaml")) as instance:
+    with _instance(_home(tmp_path, "local.yaml"), NO_LOG_CAPTURE) as instance:
         storage = instance.event_log_storage
         storage.set_concurrency_slots("gpu", 1)
         assert storage.claim_concurrency_slot("gpu", "killed-run", "checkpoint").is_claimed
@@ -168,7 +174,7 @@ def test_a_killed_runs_gpu_slot_cannot_block_the_next_sync(tmp_path):
         thread.join(timeout=60)
 
     (tmp_path / "op").mkdir()
-    with _instance(_home(tmp_path / "op", "local.yaml"), {"concurrency": {"pools": {"default_limit": 1, "granularity": "op"}}}) as instance:
+    with _instance(_home(tmp_path / "op", "local.yaml"), {"concurrency": {"pools": {"default_limit": 1, "granularity": "op"}}, **NO_LOG_CAPTURE}) as instance:
         storage = instance.event_log_storage
         storage.set_concurrency_slots("gpu", 1)
         assert storage.claim_concurrency_slot("gpu", "killed-run", "checkpoint").is_claimed
