@@ -29,6 +29,7 @@ from assets.ablation_report import (
 )
 from assets.recipe import RecipeError, load_recipe, merge_overrides
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -419,11 +420,7 @@ def session(tmp_path_factory):
     s.second = s.sync()  # a second variant that differs only in its learning rate
     yield s
     s.instance.dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 @end_to_end

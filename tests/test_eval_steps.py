@@ -21,6 +21,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 from tests.test_training import write_run
 from training import train as train_mod
 from training.checkpoint import load_checkpoint
@@ -192,11 +193,7 @@ def built(tmp_path_factory):
     assert result.success, [e.message for e in result.all_events if e.is_failure]
     yield {"root": root, "instance": instance, "loaded": loaded, "defs": defs, "path": path}
     instance.dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 def _latest(instance, name: str, partition: str | None = None):

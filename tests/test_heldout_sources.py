@@ -23,6 +23,7 @@ import yaml
 
 from dataprep.tokenize import HELDOUT_DIR, heldout_rank, tokenize_documents
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 from tests.test_evaluation import make_model, make_tokenizer
 
 DATA_ROOT = Path(os.environ.get("FOUNDRY_DATA_ROOT", "/work/shared/data"))
@@ -265,11 +266,7 @@ def test_tiny_recipe_reports_heldout_rows_per_source_and_never_trains_on_them(tm
         _, token_rows = query(store, "select source, documents, heldout_documents from tokens")
     finally:
         instance.dispose()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
 
     got = {(task, metric): (value, n) for task, metric, value, n in rows}
     assert set(got) == {(f"heldout:{s}", m) for s in ("commoncrawl", "fineweb") for m in ("bits_per_byte", "loss")}

@@ -24,6 +24,7 @@ from assets.recipe import RecipeError, parse_recipe
 from assets.settings import data_root
 from assets.store import MANIFEST
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 
 PDF = data_root() / "pdf"
 PLUMBER = PDF / "pdfplumber"
@@ -57,11 +58,7 @@ def environment(**values: str):
     try:
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        restore_environ(saved)
 
 
 class Workspace:

@@ -20,6 +20,7 @@ import yaml
 
 from assets.settings import data_root
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 
 PDF = data_root() / "pdf"
 pytestmark = [pytest.mark.skipif(not PDF.is_dir(), reason=f"sample PDFs not found under {PDF}"),
@@ -75,11 +76,7 @@ def built(tmp_path_factory):
     yield {"root": root, "folder": folder, "store": root / "store", "instance": instance, "loaded": loaded,
            "report": report.as_json(), "seconds": seconds}
     instance.dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 def test_every_asset_of_the_pdf_source_is_built(built):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 
 
 def parse_tiny(recipe: dict):
@@ -82,11 +83,7 @@ def session(tmp_path_factory, request):
     s.first = first
     yield s
     s.instance.dispose()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 def test_first_sync_builds_everything(session):

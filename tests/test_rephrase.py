@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.recipes import tiny_recipe
+from tests.support.environ import restore_environ
 
 PROJECT = Path(__file__).resolve().parent.parent
 SECRET = "sk-foundry-test-7f3a9c1d-NEVER-LOG-ME"
@@ -282,11 +283,7 @@ def workspace(tmp_path_factory):
     yield ws
     ws.instance.dispose()
     server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_environ(saved)
 
 
 @pytest.mark.slow
