@@ -53,7 +53,8 @@ def report_plan(ablation: Ablation) -> AssetPlan:
         "runs": [{"variant": r.variant, "seed": r.seed, "points": r.points} for r in ablation.runs],
         "best_of": ablation.spec.best_of.model_dump(mode="json") if ablation.spec.best_of else None,
     }
-    inputs = {_role(r, a): AssetKey([r.name, a]) for r in ablation.runs for a in ("checkpoint", "eval_report")}
+    # the mixture too: its data version says which runs trained on the same text
+    inputs = {_role(r, a): AssetKey([r.name, a]) for r in ablation.runs for a in ("mixture", "checkpoint", "eval_report")}
     return AssetPlan(ablation.name, REPORT, REPORT, spec, inputs,
                      f"Which of the {len(ablation.variants())} variants of '{ablation.name}' won each metric, "
                      "by how much, and whether that is beyond noise (across seeds and eval items).",
@@ -63,7 +64,8 @@ def report_plan(ablation: Ablation) -> AssetPlan:
 def build_ablation_report(ctx: BuildContext) -> dict[str, Any]:
     ablation: Ablation = ctx.plan.context["ablation"]
     runs = [RunOutputs(r.variant, r.seed, r.points, ctx.upstream[_role(r, "checkpoint")].dir,
-                       ctx.upstream[_role(r, "eval_report")].dir) for r in ablation.runs]
+                       ctx.upstream[_role(r, "eval_report")].dir, ctx.upstream[_role(r, "mixture")].manifest.data_version)
+            for r in ablation.runs]
     best_of = ctx.plan.spec["best_of"]
     report = make_report(ablation.name, runs, best_of)
     (ctx.out_dir / IMAGE).write_bytes(loss_curves_png(report))
@@ -77,7 +79,8 @@ def build_ablation_report(ctx: BuildContext) -> dict[str, Any]:
         ctx.log.info(f"{ctx.plan.label}: {c.metric}: {c.verdict} ({', '.join(c.ranked)})")
     return {"runs": len(runs), "variants": len(report.summaries.get("train/final_loss", {})),
             "verdicts": {m: c.verdict for m, c in report.comparisons.items()},
-            "winners": {m: c.winner for m, c in report.comparisons.items() if c.direction}}
+            "winners": {m: c.winner for m, c in report.comparisons.items() if c.direction},
+            "leaders": {m: c.leaders for m, c in report.comparisons.items() if c.verdict == "leads"}}
 
 
 def report_markdown(manifest: Manifest) -> str:

@@ -59,6 +59,7 @@ class RunOutputs:
     points: dict[str, str]
     checkpoint: Path
     eval_report: Path
+    data_version: str | None = None  # of the mixture it trained on: runs with different ones saw different text
 
 
 @dataclass(frozen=True)
@@ -173,21 +174,52 @@ def summarize(values: list[float], item_ses: list[float | None]) -> Summary:
 
 
 @dataclass(frozen=True)
+class Versus:
+    """The best entity against one other on one metric."""
+
+    entity: str
+    diff: float  # best minus this entity
+    se_diff: float | None  # None: no noise estimate for this pair
+    beyond_noise: bool | None  # None: no noise estimate
+
+
+@dataclass(frozen=True)
 class Comparison:
     metric: str
     direction: str | None
     ranked: list[str]  # entities, best first (for descriptive metrics: largest first)
     diff: float | None = None  # winner minus runner-up
     se_diff: float | None = None
-    verdict: str = "single"  # winner | within_noise | no_noise_estimate | descriptive | single
+    # winner: the best beats every other beyond noise; leads: it beats some, the rest are within noise
+    # of it; within_noise: it beats none; no_noise_estimate; not_comparable (measured on different
+    # data); descriptive (no better direction); single (one entity)
+    verdict: str = "single"
+    versus: tuple[Versus, ...] = ()  # the best against every other entity, in rank order
+    note: str = ""
 
     @property
     def winner(self) -> str | None:
         return self.ranked[0] if self.verdict == "winner" else None
 
+    @property
+    def leaders(self) -> list[str]:
+        """The best and every entity within noise of it (one name when there is a winner)."""
+        if self.verdict not in ("winner", "leads", "within_noise"):
+            return []
+        return [self.ranked[0]] + [v.entity for v in self.versus if not v.beyond_noise]
+
+    @property
+    def beaten(self) -> list[str]:
+        """Entities the best beats beyond noise."""
+        return [v.entity for v in self.versus if v.beyond_noise]
+
 
 def compare(metric: str, summaries: dict[str, Summary]) -> Comparison:
-    """Rank entities on one metric and say whether the best beats the runner-up beyond noise."""
+    """Rank entities on one metric and test the best against every other one.
+
+    Testing only the runner-up would hide a real difference whenever two entities tie at the top
+    (a QK-clip that never fires makes its variant plain Muon: tied with Muon, both ahead of AdamW).
+    """
     direction = metric_direction(metric)
     sign = 1 if direction == "lower" else -1
     ranked = sorted(summaries, key=lambda e: (sign * summaries[e].mean, e))
@@ -195,32 +227,61 @@ def compare(metric: str, summaries: dict[str, Summary]) -> Comparison:
         return Comparison(metric, None, ranked, verdict="descriptive")
     if len(ranked) < 2:
         return Comparison(metric, direction, ranked)
-    best, second = summaries[ranked[0]], summaries[ranked[1]]
-    diff = best.mean - second.mean
-    ses = [best.se, second.se]
-    if any(s is None for s in ses) or math.sqrt(sum(s * s for s in ses)) == 0:
-        return Comparison(metric, direction, ranked, diff, None, "no_noise_estimate")
-    se_diff = math.sqrt(sum(s * s for s in ses))
-    verdict = "winner" if abs(diff) >= NOISE_SIGMAS * se_diff else "within_noise"
-    return Comparison(metric, direction, ranked, diff, se_diff, verdict)
+    best = summaries[ranked[0]]
+    versus = []
+    for other in ranked[1:]:
+        ses = [best.se, summaries[other].se]
+        se_diff = math.sqrt(sum(s * s for s in ses)) if all(s is not None for s in ses) else None
+        diff = best.mean - summaries[other].mean
+        beyond = None if not se_diff else abs(diff) >= NOISE_SIGMAS * se_diff
+        versus.append(Versus(other, diff, se_diff or None, beyond))
+    runner_up = versus[0]
+    if any(v.beyond_noise is None for v in versus):
+        return Comparison(metric, direction, ranked, runner_up.diff, None, "no_noise_estimate", tuple(versus))
+    beaten = sum(bool(v.beyond_noise) for v in versus)
+    verdict = "winner" if beaten == len(versus) else "leads" if beaten else "within_noise"
+    return Comparison(metric, direction, ranked, runner_up.diff, runner_up.se_diff, verdict, tuple(versus))
+
+
+def not_comparable(c: Comparison, note: str) -> Comparison:
+    """The same ranking, with no verdict: the entities were measured on different things."""
+    return Comparison(c.metric, c.direction, c.ranked, verdict="not_comparable", note=note)
 
 
 def statement(c: Comparison, summaries: dict[str, Summary]) -> str:
     """One plain sentence per metric."""
+    mean = {e: _fmt(summaries[e].mean) for e in c.ranked}
     if c.verdict == "descriptive":
         return f"**{c.metric}** (descriptive, no better direction): " + ", ".join(
-            f"`{e}` {_fmt(summaries[e].mean)}" for e in c.ranked) + "."
+            f"`{e}` {mean[e]}" for e in c.ranked) + "."
     if c.verdict == "single":
-        return f"**{c.metric}**: only `{c.ranked[0]}` has it ({_fmt(summaries[c.ranked[0]].mean)})."
-    best, second = c.ranked[0], c.ranked[1]
-    head = (f"**{c.metric}** ({c.direction} is better): `{best}` {_fmt(summaries[best].mean)} vs "
-            f"`{second}` {_fmt(summaries[second].mean)}, a difference of {_fmt(abs(c.diff))}")
+        return f"**{c.metric}**: only `{c.ranked[0]}` has it ({mean[c.ranked[0]]})."
+    if c.verdict == "not_comparable":
+        return (f"**{c.metric}**: " + ", ".join(f"`{e}` {mean[e]}" for e in c.ranked)
+                + f"; no verdict: {c.note}")
+    best = c.ranked[0]
+    head = f"**{c.metric}** ({c.direction} is better): `{best}` {mean[best]}"
+    if c.verdict == "no_noise_estimate":
+        second = c.ranked[1]
+        return (f"{head} vs `{second}` {mean[second]}, a difference of {_fmt(abs(c.diff))}; one seed and no "
+                "per-item error give no noise estimate: no winner can be named.")
+
+    def against(vs: list[Versus]) -> str:
+        return ", ".join(f"`{v.entity}` {mean[v.entity]} by {_fmt(abs(v.diff))} (SE {_fmt(v.se_diff)})" for v in vs)
+
+    beaten = [v for v in c.versus if v.beyond_noise]
+    tied = [v for v in c.versus if not v.beyond_noise]
     if c.verdict == "winner":
-        return f"{head}, more than {NOISE_SIGMAS:g} × its standard error ({_fmt(c.se_diff)}): `{best}` wins."
+        every = "the only other" if len(beaten) == 1 else "every other"
+        return (f"{head} beats {every} beyond {NOISE_SIGMAS:g} × the standard error of the difference: "
+                f"{against(beaten)}. `{best}` wins.")
     if c.verdict == "within_noise":
-        return (f"{head}, within noise (less than {NOISE_SIGMAS:g} × its standard error {_fmt(c.se_diff)}): "
-                "no winner at this scale.")
-    return f"{head}; one seed and no per-item error give no noise estimate: no winner can be named."
+        return (f"{head} vs {against(tied)}: within noise (less than {NOISE_SIGMAS:g} × the standard error "
+                "of the difference): no winner at this scale.")
+    leaders = " and ".join(f"`{e}`" for e in c.leaders)
+    return (f"{head} beats {against(beaten)} beyond {NOISE_SIGMAS:g} × the standard error of the difference, "
+            f"but {against(tied)} {'is' if len(tied) == 1 else 'are'} within noise of it: {leaders} lead, "
+            "no single winner.")
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -252,7 +313,10 @@ class Report:
             "best_of": self.best_of,
             "metrics": {
                 metric: {"direction": c.direction, "ranked": c.ranked, "winner": c.winner, "verdict": c.verdict,
-                         "diff": c.diff, "se_diff": c.se_diff,
+                         "leaders": c.leaders, "beaten": c.beaten, "diff": c.diff, "se_diff": c.se_diff,
+                         "versus": {v.entity: {"diff": v.diff, "se_diff": v.se_diff, "beyond_noise": v.beyond_noise}
+                                    for v in c.versus},
+                         "note": c.note,
                          "variants": {v: summary(s) for v, s in self.summaries[metric].items()}}
                 for metric, c in self.comparisons.items()
             },
@@ -317,6 +381,12 @@ def make_report(grid: str, runs: list[RunOutputs], best_of: dict[str, Any] | Non
     for metric in _metric_order(set(summaries)):
         present = {e: summaries[metric][v] for e, v in entities.items() if v in summaries[metric]}
         comparisons[metric] = compare(metric, present)
+    mixtures = {r.data_version for r in runs if r.variant in entities.values()}
+    if TRAIN_LOSS in comparisons and len(mixtures - {None}) > 1:
+        # each variant's loss is on its own training text: a harder mix scores worse and learns no less
+        comparisons[TRAIN_LOSS] = not_comparable(
+            comparisons[TRAIN_LOSS], "the variants train on different mixtures, so each loss is measured on "
+            "different text; compare them on held-out bits per byte and the eval tasks.")
     report = Report(grid, measurements, entities, summaries, comparisons, picked)
     report.curves = _mean_curves(runs)
     report.expert_shares = _expert_shares(runs)
@@ -399,13 +469,17 @@ def markdown(report: Report, runs: list[RunOutputs], description: str = "", imag
         "|---|---|" + "---:|" * len(entities) + "---|"]
     for metric, c in report.comparisons.items():
         cells = [_cell(report.summaries[metric].get(report.entities[e])) for e in entities]
-        verdict = {"winner": f"**{c.ranked[0]}**" if c.ranked else "", "within_noise": "within noise",
-                   "no_noise_estimate": "no noise estimate", "descriptive": "", "single": ""}[c.verdict]
+        verdict = {"winner": f"**{c.ranked[0]}**" if c.ranked else "",
+                   "leads": " ≈ ".join(f"**{e}**" for e in c.leaders) + " (tied)",
+                   "within_noise": "within noise", "no_noise_estimate": "no noise estimate",
+                   "not_comparable": "not comparable", "descriptive": "", "single": ""}[c.verdict]
         lines.append(f"| {metric} | {c.direction or ''} | " + " | ".join(cells) + f" | {verdict} |")
     lines += ["", "## What won", ""]
     lines += [f"- {statement(c, {e: report.summaries[c.metric][report.entities[e]] for e in c.ranked})}"
               for c in report.comparisons.values() if c.verdict != "descriptive"]
     lines += ["", "## Training loss", "", f"![loss curves]({image})", ""]
+    if (loss := report.comparisons.get(TRAIN_LOSS)) is not None and loss.verdict == "not_comparable":
+        lines += [f"The curves are not comparable across variants: {loss.note}", ""]
     if report.expert_shares:
         lines += ["## Expert load by source (second half of training, all MoE layers and seeds)", ""]
         for variant, by_source in report.expert_shares.items():

@@ -33,7 +33,7 @@ LOGIC_VERSIONS: dict[str, str] = {
     "checkpoint": "checkpoint-1",
     "eval_report": "eval-3",  # 2: form column, per-item details.parquet; 3: step and tokens columns, held-out per source
     "eval_step": "eval_step-1",  # one kept checkpoint step through the eval_report's evaluation
-    "ablation_report": "ablation_report-1",
+    "ablation_report": "ablation_report-2",  # 2: best vs every other entity; mixtures as inputs
     "data_stats": "stats-4",  # 2: eval_items; 3: curation url/cluster columns; 4: rephrase, contamination, ocr_queue, expert_load
 }
 

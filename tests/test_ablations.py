@@ -9,6 +9,7 @@ import json
 import math
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ from assets.ablation_report import (
     markdown,
     metric_direction,
     source_expert_mi,
+    statement,
     summarize,
 )
 from assets.recipe import RecipeError, load_recipe, merge_overrides
@@ -243,7 +245,7 @@ def test_definitions_load_ablations_from_the_glob_beside_recipes(tmp_path, monke
     graph = build_definitions(loaded).resolve_asset_graph()
     report = AssetKey(["abl", "ablation_report"])
     assert graph.get(report).parent_keys == {AssetKey([run, asset]) for run in ("abl__a__s0", "abl__b__s0")
-                                             for asset in ("checkpoint", "eval_report")}
+                                             for asset in ("mixture", "checkpoint", "eval_report")}
     assert graph.get(AssetKey(["abl__b__s0", "checkpoint"])).group_name == "abl__b__s0"
 
     monkeypatch.setenv("FOUNDRY_ABLATIONS", "")
@@ -300,6 +302,24 @@ def test_compare_names_a_winner_only_beyond_twice_the_standard_error():
         == ["lower", "lower", "higher", None]
 
 
+def test_compare_tests_the_best_against_every_other_entity():
+    # two tie at the top (a clip that never fires), both beyond noise ahead of the third
+    muon, clip, adamw = (summarize([2.10, 2.12], [None, None]), summarize([2.10, 2.12], [None, None]),
+                         summarize([2.30, 2.32], [None, None]))
+    c = compare("wikitext2/bits_per_byte", {"adamw": adamw, "muon": muon, "muon_qkclip": clip})
+    assert c.verdict == "leads" and c.winner is None
+    assert c.leaders == ["muon", "muon_qkclip"] and c.beaten == ["adamw"]
+    assert [(v.entity, v.beyond_noise) for v in c.versus] == [("muon_qkclip", False), ("adamw", True)]
+    assert c.versus[1].diff == pytest.approx(-0.20) and c.versus[1].se_diff == pytest.approx(math.hypot(muon.se, adamw.se))
+    text = statement(c, {"adamw": adamw, "muon": muon, "muon_qkclip": clip})
+    assert "beats `adamw` 2.3100 by 0.2000" in text and "`muon_qkclip` 2.1100 by 0.0000" in text
+    assert "`muon` and `muon_qkclip` lead, no single winner" in text
+    # beating every other one is a winner; beating none is noise
+    third = compare("wikitext2/bits_per_byte", {"a": muon, "b": adamw, "c": summarize([2.50, 2.52], [None, None])})
+    assert third.verdict == "winner" and third.winner == "a" and third.beaten == ["b", "c"]
+    assert compare("hellaswag/acc", {"a": muon, "b": clip}).verdict == "within_noise"
+
+
 def test_mutual_information_of_expert_and_source():
     assert source_expert_mi({"web": {0: 50, 1: 0}, "code": {0: 0, 1: 50}}) == pytest.approx(1.0)  # one bit
     assert source_expert_mi({"web": {0: 25, 1: 25}, "code": {0: 25, 1: 25}}) == pytest.approx(0.0)
@@ -350,6 +370,24 @@ def test_report_shows_expert_load_by_source(tmp_path):
     mi = next(m.value for m in report.measurements if m.metric == "moe/expert_source_mi")
     assert mi == pytest.approx(source_expert_mi({"web": {0: 90, 1: 10}, "code": {0: 10, 1: 90}}))
     assert "| web | 0.900 | 0.100 |" in markdown(report, runs)
+
+
+def test_training_loss_gets_no_verdict_across_different_mixtures(tmp_path):
+    def runs(root: Path, mixture_of) -> list[RunOutputs]:
+        return [replace(_run_dir(root, v, s, [4.0, base + j], [("wikitext2", "bits_per_byte", base + j, None)]),
+                        data_version=mixture_of(v))
+                for v, base in (("curated", 2.0), ("raw", 3.0)) for s, j in ((0, -0.01), (1, 0.01))]
+
+    same = make_report("data", runs(tmp_path / "same", lambda v: "m1"))
+    assert same.comparisons["train/final_loss"].winner == "curated"
+    different_runs = runs(tmp_path / "different", lambda v: f"m_{v}")
+    different = make_report("data", different_runs)
+    loss = different.comparisons["train/final_loss"]
+    assert loss.verdict == "not_comparable" and loss.winner is None and loss.ranked == ["curated", "raw"]
+    assert different.comparisons["wikitext2/bits_per_byte"].winner == "curated"  # the same text for every variant
+    text = markdown(different, different_runs)
+    assert "| train/final_loss | lower |" in text and "| not comparable |" in text
+    assert "The curves are not comparable across variants: the variants train on different mixtures" in text
 
 
 # --- end to end on a real instance -------------------------------------------------------------------
