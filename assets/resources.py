@@ -12,6 +12,7 @@ from pydantic import Field
 from dataprep.executors import ExecutorSettings
 
 from . import settings
+from .launch import TrainLaunch
 from .store import ArtifactStore
 
 
@@ -30,6 +31,20 @@ class FoundryResource(ConfigurableResource):
         description="training processes (torchrun, data parallel; the recipe's batch is split over them); "
                     "default: $FOUNDRY_TRAIN_NPROC, else 1",
     )
+    train_nnodes: int = Field(
+        default_factory=lambda: int(os.environ.get("FOUNDRY_TRAIN_NNODES") or 1),
+        description="nodes training runs on, train_nproc processes each (torchrun, c10d rendezvous; needs "
+                    "train_rdzv_endpoint and train_launcher); default: $FOUNDRY_TRAIN_NNODES, else 1",
+    )
+    train_rdzv_endpoint: str = Field(
+        default_factory=lambda: os.environ.get("FOUNDRY_TRAIN_RDZV_ENDPOINT") or "",
+        description="host:port of the rendezvous across nodes (one of them); default: $FOUNDRY_TRAIN_RDZV_ENDPOINT",
+    )
+    train_launcher: str = Field(
+        default_factory=lambda: os.environ.get("FOUNDRY_TRAIN_LAUNCHER") or "",
+        description="command prefix that runs the training command once per node and waits for all, e.g. "
+                    "'srun --nodes=2 --ntasks-per-node=1'; default: $FOUNDRY_TRAIN_LAUNCHER",
+    )
     kernels: str = Field(
         default_factory=lambda: os.environ.get("FOUNDRY_KERNELS") or "reference",
         description="training ops: reference (PyTorch) or triton (the fused kernels of kernels/, on a GPU; "
@@ -47,6 +62,9 @@ class FoundryResource(ConfigurableResource):
             "for slurm or {address: 'ray://head:10001'} for ray"
         ),
     )
+
+    def train_launch(self) -> TrainLaunch:
+        return TrainLaunch.of(self.train_nproc, self.train_nnodes, self.train_rdzv_endpoint, self.train_launcher)
 
     def store(self) -> ArtifactStore:
         return ArtifactStore(Path(self.store_root))

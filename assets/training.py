@@ -1,8 +1,8 @@
 """checkpoint: `python -m training.train` launched through Dagster Pipes.
 
 The training loop lives in `training/` (plain PyTorch, no Dagster) and runs in a subprocess, or
-under torchrun with FoundryResource.train_nproc > 1 (the recipe's batch split over the ranks, so
-the global batch and the identity stay the same); this module writes its RUN.json, streams its
+under torchrun with FoundryResource.train_nproc > 1, on one node or train_nnodes (assets/launch.py;
+the recipe's batch split over the ranks, so the global batch and the identity stay the same); this module writes its RUN.json, streams its
 per-step metrics back as Pipes messages, and publishes the checkpoint directory into the store.
 
 Resumable checkpoints (every FoundryResource.checkpoint_every steps) go to
@@ -20,17 +20,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-from dagster import MetadataValue, PipesSubprocessClient
+from dagster import MetadataValue
 
 from training.reporting import FAILURE_FILE
 from training.resume import step_dir_name
 
 from .engine import BuildContext
+from .launch import TrainLaunch
 from .settings import PROJECT_ROOT
 from .store import Manifest, atomic_write_json
 
@@ -80,39 +80,32 @@ def run_config(ctx: BuildContext, vocab_size: int, eos_token_id: int | None = No
 RESUME_DIR = "resume"  # <store>/resume/<kind>/<key>/: resumable checkpoints of unfinished builds
 
 
-def with_execution_settings(config: dict[str, Any], *, nproc: int, checkpoint_every: int,
+def with_execution_settings(config: dict[str, Any], *, launch: TrainLaunch, checkpoint_every: int,
                             resume_dir: Path, kernels: str = "reference") -> dict[str, Any]:
     """RUN.json plus the execution knobs (none hashed): data-parallel ranks, checkpoint cadence,
-    where resumable checkpoints live and which ops run (ModelConfig.kernels). With nproc ranks each
-    trains on batch_size / nproc sequences per micro-batch, so the global batch is the recipe's."""
+    where resumable checkpoints live and which ops run (ModelConfig.kernels). With W ranks in all
+    (nodes x processes per node) each trains on batch_size / W sequences per micro-batch, so the
+    global batch is the recipe's; a node's CPU threads are shared by its processes."""
     from training.model import KERNEL_CHOICES
 
     if kernels not in KERNEL_CHOICES:
         raise ValueError(f"kernels (FOUNDRY_KERNELS) must be one of {list(KERNEL_CHOICES)}, got {kernels!r}")
     model = config["model"] if kernels == "reference" else {**config["model"], "kernels": kernels}
     t = dict(config["training"])
-    if nproc < 1:
-        raise ValueError(f"train_nproc must be >= 1, got {nproc}")
-    if nproc > 1:
-        if t["batch_size"] % nproc:
-            raise ValueError(f"training.batch_size ({t['batch_size']}) must be divisible by the number of "
-                             f"training processes (train_nproc / FOUNDRY_TRAIN_NPROC = {nproc})")
-        t["batch_size"] //= nproc
+    if launch.world_size > 1:
+        if t["batch_size"] % launch.world_size:
+            raise ValueError(f"training.batch_size ({t['batch_size']}) must be divisible by the number of training "
+                             f"processes ({launch.nnodes} node(s) x {launch.nproc}: train_nnodes / FOUNDRY_TRAIN_NNODES "
+                             f"x train_nproc / FOUNDRY_TRAIN_NPROC = {launch.world_size})")
+        t["batch_size"] //= launch.world_size
         if t.get("threads"):
-            t["threads"] = max(1, t["threads"] // nproc)
+            t["threads"] = max(1, t["threads"] // launch.nproc)
     if checkpoint_every > 0:
         t["checkpoint_every"] = checkpoint_every
     elif t.get("on_nonfinite") == "rollback":
         raise ValueError("training.on_nonfinite: rollback needs resumable checkpoints to roll back to, but "
                          "checkpoint_every (FOUNDRY_CHECKPOINT_EVERY) is 0")
     return {**config, "model": model, "training": t, "resume_dir": str(resume_dir)}
-
-
-def launch_command(run_file: Path, nproc: int) -> list[str]:
-    train = ["-m", "training.train", "--config", str(run_file)]
-    if nproc == 1:
-        return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *train]
 
 
 def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
@@ -122,17 +115,18 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
     vocab_size = tokenizer.get_vocab_size()
     run_file = ctx.out_dir.parent / f"{ctx.out_dir.name}.run.json"
     resume_dir = ctx.foundry.store().root / RESUME_DIR / ctx.plan.kind / ctx.key
-    nproc = ctx.foundry.train_nproc
-    config = with_execution_settings(run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)), nproc=nproc,
+    launch = ctx.foundry.train_launch()
+    config = with_execution_settings(run_config(ctx, vocab_size, eos_token_id=tokenizer.token_to_id(EOS)), launch=launch,
                                      checkpoint_every=ctx.foundry.checkpoint_every, resume_dir=resume_dir,
                                      kernels=ctx.foundry.kernels)
     atomic_write_json(run_file, config)
+    messages = ctx.out_dir.parent / f"{ctx.out_dir.name}.pipes.jsonl"  # used when ranks may run elsewhere
     try:
         try:
-            invocation = PipesSubprocessClient(cwd=str(PROJECT_ROOT)).run(
-                command=launch_command(run_file, nproc),
+            invocation = launch.pipes_client(PROJECT_ROOT, messages).run(
+                command=launch.command(run_file, rdzv_id=f"foundry-{ctx.key}"),
                 context=ctx.dagster,
-                env={"FOUNDRY_PARENT_PID": str(os.getpid())},
+                env=launch.env(os.getpid()),
             )
         except Exception as err:  # Pipes says only "exit code 1"
             failure = ctx.out_dir / FAILURE_FILE
@@ -145,6 +139,7 @@ def build_checkpoint(ctx: BuildContext) -> dict[str, Any]:
                 summary = message
     finally:
         run_file.unlink(missing_ok=True)
+        messages.unlink(missing_ok=True)
     if not (ctx.out_dir / "summary.json").is_file():
         raise RuntimeError(f"{ctx.plan.label}: training finished without writing summary.json")
     summary = json.loads((ctx.out_dir / "summary.json").read_text()) | {k: v for k, v in summary.items() if k != "event"}

@@ -151,12 +151,13 @@ def test_run_config_and_recipe_fields(tmp_path):
         train_mod.main(["--config", str(write_run(tmp_path / "c", keep_every=-2))])
 
     from assets.recipe import RecipeError, parse_recipe
+    from assets.launch import TrainLaunch
     from assets.training import training_spec, with_execution_settings
 
     run = json.loads(write_run(tmp_path / "d", on_nonfinite="rollback").read_text())
     with pytest.raises(ValueError, match=r"rollback needs resumable checkpoints .* checkpoint_every "
                                          r"\(FOUNDRY_CHECKPOINT_EVERY\) is 0"):
-        with_execution_settings(run, nproc=1, checkpoint_every=0, resume_dir=tmp_path / "r")
+        with_execution_settings(run, launch=TrainLaunch.of(1), checkpoint_every=0, resume_dir=tmp_path / "r")
 
     base = parse_recipe(tiny_recipe("plain"))
     assert "keep_every" not in json.dumps(training_spec(base))  # off the hash at its defaults
