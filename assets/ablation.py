@@ -7,6 +7,8 @@
       - {name: adamw, overrides: {optimizer: {name: adamw}}}
     grid:                             # ... and/or more axes; runs are the product of all axes
       lr: [{name: lr1e3, overrides: {optimizer: {lr: 0.001}}}, ...]
+      # or relative to each variant's own value, applied after every override:
+      # lr: [{name: x0_5, scale: {optimizer.lr: 0.5}}, {name: x1}, {name: x2, scale: {optimizer.lr: 2}}]
     seeds: [0, 1]                     # training.seed of each run
     best_of: {axis: lr, by: wikitext2/bits_per_byte}   # optional: compare each group at its best lr
 
@@ -18,6 +20,7 @@ data assets of a training ablation) has one store key and is computed once.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -51,6 +54,11 @@ VARIANT_AXIS = "variant"  # the axis `variants:` forms
 class OverrideSet(Strict):
     name: str = Field(description="lowercase letters, digits, single '_'")
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the base recipe")
+    scale: dict[str, float] = Field(
+        default_factory=dict,
+        description="dotted field -> factor, applied after every override of the run: {optimizer.lr: 3} "
+                    "multiplies whatever lr the other axes chose, so one lr axis sweeps around each "
+                    "optimizer's own centre")
     description: str = ""
 
     @field_validator("name")
@@ -59,6 +67,18 @@ class OverrideSet(Strict):
         if not POINT_NAME.match(name):
             raise ValueError(f"'{name}' must be lowercase letters and digits joined by single '_'")
         return name
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_valid(cls, scale: dict[str, float]) -> dict[str, float]:
+        for field, factor in scale.items():
+            if not all(field.split(".")):
+                raise ValueError(f"'{field}': give a dotted field such as optimizer.lr")
+            if not (math.isfinite(factor) and factor > 0):
+                raise ValueError(f"'{field}': the factor must be a positive number, got {factor}")
+            if field == "training.seed":
+                raise ValueError("training.seed cannot be scaled: list the seeds under `seeds:`")
+        return scale
 
     @field_validator("overrides")
     @classmethod
@@ -216,6 +236,30 @@ def _check_no_overlap(origin: Path, chosen: list[tuple[str, OverrideSet]]) -> No
             written[leaf] = f"{axis} '{point.name}'"
 
 
+def _apply_scales(origin: str, data: dict[str, Any], chosen: list[tuple[str, OverrideSet]]) -> dict[str, Any]:
+    """Multiply the fields the points scale, once every override is in (factors of two axes multiply)."""
+    for axis, point in chosen:
+        for field, factor in point.scale.items():
+            *parents, leaf = field.split(".")
+            update: dict[str, Any] = {}
+            node, target = data, update
+            for key in parents:
+                node = node.get(key) if isinstance(node, dict) else None
+                target = target.setdefault(key, {})
+            value = node.get(leaf) if isinstance(node, dict) else None
+            if value is None:
+                raise RecipeError(f"{origin}: {axis} '{point.name}' scales '{field}', which this run does not set "
+                                  "(a default is not scaled: set the value in the base or another axis)")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise RecipeError(f"{origin}: {axis} '{point.name}' scales '{field}', which is {value!r} in this "
+                                  "run, not a number")
+            # 12 significant digits: 0.001 x 3 is 0.003 in the recipe (and its hash), not 0.0030000000000000005
+            scaled = float(f"{value * factor:.12g}")
+            target[leaf] = int(scaled) if isinstance(value, int) and scaled.is_integer() else scaled
+            data = merge_overrides(data, update)
+    return data
+
+
 def _check_metric_measured(origin: Path, metric: str, runs: list[Run]) -> None:
     """best_of.by must name something every run measures: train/..., an eval task, the held-out
     text set, or a source's held-out split (heldout:<source>)."""
@@ -260,6 +304,7 @@ def load_ablation(path: str | os.PathLike, data_root: Path | None = None) -> Abl
         data = base
         for _, point in chosen:
             data = merge_overrides(data, point.overrides)
+        data = _apply_scales(f"{path}: variant '{variant}'", data, chosen)
         for seed in spec.seeds:
             name = run_name(spec.name, variant, seed)
             recipe_data = merge_overrides(data, {"name": name, "training": {"seed": seed}})

@@ -143,7 +143,33 @@ def test_grid_expands_variants_times_axes_times_seeds(tmp_path):
     assert len({x.recipe.sources["fineweb"].model_dump_json() for x in ablation.runs}) == 1
 
 
+def test_an_axis_may_scale_what_another_axis_chose(tmp_path):
+    path = _ablation(
+        tmp_path,
+        variants=[{"name": "adamw", "overrides": {"optimizer": {"name": "adamw", "lr": 0.001}}},
+                  {"name": "muon", "overrides": {"optimizer": {"name": "muon", "lr": 0.006}}}],
+        grid={"lr": [{"name": "x0_5", "scale": {"optimizer.lr": 0.5}}, {"name": "x1"},
+                     {"name": "x3", "scale": {"optimizer.lr": 3, "training.steps": 2}}]},
+    )
+    runs = {r.variant: r.recipe for r in load_ablation(path).runs}
+    assert {v: r.optimizer.lr for v, r in runs.items()} == {
+        "adamw_x0_5": 0.0005, "adamw_x1": 0.001, "adamw_x3": 0.003, "muon_x0_5": 0.003, "muon_x1": 0.006, "muon_x3": 0.018}
+    assert runs["muon_x3"].training.steps == 2 * runs["muon_x1"].training.steps  # an int stays an int
+    # the same recipe as writing the value out: one identity, so an existing run is a cache hit
+    written = _ablation(tmp_path / "w", variants=[{"name": "adamw_x3", "overrides": {"optimizer": {
+        "name": "adamw", "lr": 0.003}, "training": {"steps": 2 * runs["muon_x1"].training.steps}}}])
+    [same] = load_ablation(written).runs
+    assert same.recipe.model_dump(exclude={"name"}) == runs["adamw_x3"].model_dump(exclude={"name"})
+
+
 @pytest.mark.parametrize("fields, message", [
+    ({"variants": [{"name": "a", "scale": {"optimizer.lr": -1}}]}, r"'optimizer\.lr': the factor must be a positive number"),
+    ({"variants": [{"name": "a", "scale": {"optimizer..lr": 2}}]}, r"'optimizer\.\.lr': give a dotted field"),
+    ({"variants": [{"name": "a", "scale": {"training.seed": 2}}]}, r"training\.seed cannot be scaled"),
+    ({"variants": [{"name": "a", "overrides": {"optimizer": {"name": "adamw"}}, "scale": {"optimizer.name": 2}}]},
+     r"abl\.yaml: variant 'a': variant 'a' scales 'optimizer\.name', which is 'adamw' in this run, not a number"),
+    ({"variants": [{"name": "a"}], "grid": {"lr": [{"name": "x2", "scale": {"optimizer.lr": 2}}]}},
+     r"variant 'a_x2': lr 'x2' scales 'optimizer\.lr', which this run does not set \(a default is not scaled"),
     ({"variants": [{"name": "a", "overrides": {"optimizer": {"lrr": 1}}}]},
      r"abl\.yaml: variant 'a' seed 0 \(base .*tiny\.yaml\): invalid recipe\n  optimizer\.lrr: unknown key"),
     ({"variants": [{"name": "a"}, {"name": "a"}]}, r"variants: name\(s\) \['a'\] used twice"),
