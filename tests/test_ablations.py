@@ -252,7 +252,10 @@ def test_shipped_grids_expand_and_share_their_data_specs():
     assert len(specs) == 1  # curated sources and tokenizer: one identity across all 30 runs
     opt = load_ablation(PROJECT / "ablations" / "optimizer.yaml")
     assert {(r.recipe.optimizer.name, r.recipe.optimizer.qk_clip_tau) for r in opt.runs} == {
-        ("adamw", None), ("muon", None), ("muon", 10)}
+        ("adamw", None), ("muon", None), ("muon", 2.5)}
+    lrs = {r.variant: r.recipe.optimizer.lr for r in opt.runs}  # each optimizer swept around its own centre
+    assert (lrs["adamw_div3"], lrs["adamw_x1"], lrs["adamw_x3"]) == (pytest.approx(1e-3 / 3), 1e-3, 3e-3)
+    assert (lrs["muon_div3"], lrs["muon_x1"], lrs["muon_x3"]) == (pytest.approx(1e-2 / 3), 1e-2, 3e-2)
 
 
 def test_definitions_load_ablations_from_the_glob_beside_recipes(tmp_path, monkeypatch):
