@@ -126,7 +126,7 @@ def materialize(
     cache = "hit"
     if manifest is None:
         log = BuildLog(build_log_path(store.root, plan.kind, key), asset=plan.label, kind=plan.kind, key=key,
-                       run_id=context.run_id)
+                       run_id=context.run.run_id)
 
         def waiting() -> None:
             context.log.info(f"{plan.label}: another process is building {plan.kind}/{key}; waiting for it")

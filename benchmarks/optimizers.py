@@ -51,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lrs", default="0.5,1,2", help="multipliers of each optimizer's base lr")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"subset of {list(OPTIMIZERS)}")
+    p.add_argument("--qk-clip-tau", type=float, default=100.0,
+                   help="muon+qk_clip's threshold (Kimi K2: 100; a small model may never reach it: see max logit)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--smoke", action="store_true", help="tiny model, 20 steps, one lr: checks that it runs")
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -135,6 +137,8 @@ def main() -> int:
         runs = []
         for name in names:
             base_cfg, base_lr = OPTIMIZERS[name]
+            if "qk_clip_tau" in base_cfg:
+                base_cfg = {**base_cfg, "qk_clip_tau": args.qk_clip_tau}
             for mult in mults:
                 out = Path(tmp) / f"{name}-{mult}"
                 run = parse_run_config({
@@ -148,10 +152,14 @@ def main() -> int:
                 summary = train(run, QuietReporter())
                 m = pq.read_table(out / "metrics.parquet").to_pydict()
                 step_ms = statistics.median(batch * seq / v * 1e3 for v in m["tokens_per_s"][1:] or m["tokens_per_s"])
+                # tracked on QK-clip runs: the largest attention logit seen, before the clip acts
+                logits = [x for x in m.get("max_attn_logit", []) if x is not None]
+                max_logit = max(logits) if logits else None
                 runs.append({"optimizer": name, "lr": base_lr * mult, "final_loss": summary["final_loss_avg"],
-                             "step_ms": step_ms, "losses": m["loss"]})
+                             "step_ms": step_ms, "losses": m["loss"], "max_attn_logit": max_logit})
                 print(f"  {name:<13} lr {base_lr * mult:<8.2g} final loss {summary['final_loss_avg']:.4f}  "
-                      f"step {step_ms:.1f} ms", flush=True)
+                      f"step {step_ms:.1f} ms" + (f"  max logit {max_logit:.2f}" if max_logit is not None else ""),
+                      flush=True)
 
     best = {name: min((r for r in runs if r["optimizer"] == name), key=lambda r: r["final_loss"]) for name in names}
     print(f"\n  {'optimizer':<13} {'best lr':>8} {'final loss':>11} {'step ms':>9} {'tokens to target':>17} "
