@@ -4,12 +4,14 @@ once, as N "nodes", and exit with the first failure's status once all have ended
     python tests/support/local_nodes.py 2 torchrun --nnodes=2 ... -m training.train --config RUN.json
 
 Each copy gets FOUNDRY_TEST_NODE=<i>. A node that fails makes the others pointless (their
-rendezvous or collectives would wait for it), so they are terminated.
+rendezvous or collectives would wait for it), so they are terminated; SIGTERM and SIGINT are
+passed on to every node.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +22,14 @@ def main(argv: list[str]) -> int:
         print("usage: local_nodes.py N COMMAND [ARGS...]", file=sys.stderr)
         return 2
     nodes = [subprocess.Popen(argv[1:], env={**os.environ, "FOUNDRY_TEST_NODE": str(i)}) for i in range(int(argv[0]))]
+
+    def forward(signum, _frame):  # as srun does: a cancelled build stops every node
+        for p in nodes:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     failed = 0
     while any(p.poll() is None for p in nodes):
         if not failed:
