@@ -477,6 +477,13 @@ def markdown(report: Report, runs: list[RunOutputs], description: str = "", imag
     lines += ["", "## What won", ""]
     lines += [f"- {statement(c, {e: report.summaries[c.metric][report.entities[e]] for e in c.ranked})}"
               for c in report.comparisons.values() if c.verdict != "descriptive"]
+    tests = sum(len(c.versus) for c in report.comparisons.values() if c.verdict in ("winner", "leads", "within_noise"))
+    if tests > 1:
+        chance = 2 * (1 - statistics.NormalDist().cdf(NOISE_SIGMAS))  # two-sided, per pair
+        lines += ["", f"These are {tests} pairwise tests at {NOISE_SIGMAS:g} standard errors: even if no variant "
+                  f"differed, about {tests * chance:.1f} of them would land beyond noise by chance ({chance:.1%} "
+                  "each), so a lone win among many metrics is weak evidence; a win on several related "
+                  "metrics, or again with more seeds, is not."]
     lines += ["", "## Training loss", "", f"![loss curves]({image})", ""]
     if (loss := report.comparisons.get(TRAIN_LOSS)) is not None and loss.verdict == "not_comparable":
         lines += [f"The curves are not comparable across variants: {loss.note}", ""]
