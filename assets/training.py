@@ -1,9 +1,10 @@
 """checkpoint: `python -m training.train` launched through Dagster Pipes.
 
 The training loop lives in `training/` (plain PyTorch, no Dagster) and runs in a subprocess, or
-under torchrun with FoundryResource.train_nproc > 1, on one node or train_nnodes (assets/launch.py;
-the recipe's batch split over the ranks, so the global batch and the identity stay the same); this module writes its RUN.json, streams its
-per-step metrics back as Pipes messages, and publishes the checkpoint directory into the store.
+under torchrun with FoundryResource.train_nproc > 1 on this node or on train_nnodes nodes
+(assets/launch.py; the recipe's batch split over the ranks, so the global batch and the identity
+stay the same); this module writes its RUN.json, streams its per-step metrics back as Pipes
+messages, and publishes the checkpoint directory into the store.
 
 Resumable checkpoints (every FoundryResource.checkpoint_every steps) go to
 `<store>/resume/checkpoint/<key>/`, outside the build's temp dir, which a killed build loses: the
