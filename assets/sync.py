@@ -55,6 +55,7 @@ class AssetState:
     record: lineage.Record | None = None
     direct: bool = False  # stale for its own reason (runnable once its inputs are fresh)
     partitions: list[str] = field(default_factory=list)  # partitions to (re)build, if partitioned
+    expected: list[str] | None = None  # every partition the current file listing gives (known once it is fresh)
 
 
 def _upstream(plan: AssetPlan) -> list[AssetKey]:
@@ -99,12 +100,12 @@ def _partitioned_state(instance: DagsterInstance, plan: AssetPlan, states: dict[
         if rec is None or rec.store_key != key or any(store.lookup("filtered", k) is None for k in outputs):
             todo.append(name)
     if not todo:
-        return AssetState(plan, "fresh", "", None)
+        return AssetState(plan, "fresh", "", None, expected=list(expected))
     shown = ", ".join(todo[:3]) + (f" and {len(todo) - 3} more" if len(todo) > 3 else "")
     status = "missing" if not records else "stale"
     what = "file" if plan.context["source"].batches is None else "batch"
     return AssetState(plan, status, f"{len(todo)} of {len(expected)} {what} partitions to build: {shown}", None,
-                      direct=True, partitions=todo)
+                      direct=True, partitions=todo, expected=list(expected))
 
 
 def _direct_reason(plan: AssetPlan, rec: lineage.Record, states: dict[AssetKey, AssetState],
@@ -200,12 +201,15 @@ class SyncReport:
     cache_hit: list[str] = field(default_factory=list)
     untouched: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # partitions whose files left their folder
     rounds: int = 0
     seconds: float = 0.0
     error: str | None = None
 
     def as_json(self) -> dict:
         out = {"ran": self.ran, "cache_hit": self.cache_hit, "untouched": self.untouched}
+        if self.removed:
+            out["removed"] = self.removed
         if self.failed:
             out["failed"] = self.failed
             out["error"] = self.error
@@ -251,7 +255,9 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
             break
     else:
         report.error = f"still stale after {max_rounds} rounds"
-    blocked = [s for s in compute_states(instance, recipes).values() if s.status == "blocked"]
+    final = compute_states(instance, recipes)
+    report.removed = _prune_partitions(instance, final, echo)
+    blocked = [s for s in final.values() if s.status == "blocked"]
     if blocked and not report.error:
         report.error = "blocked by failed checks: " + "; ".join(f"{s.plan.label}: {s.reason}" for s in blocked)
         echo(f"✗ {report.error}")
@@ -263,6 +269,25 @@ def sync(defs: Definitions, recipes: list[RecipeAssets], instance: DagsterInstan
     report.untouched = [label for label in all_labels if label not in touched and label not in report.failed]
     report.seconds = time.time() - started
     return report
+
+
+def _prune_partitions(instance: DagsterInstance, states: dict[AssetKey, AssetState],
+                      echo: Callable[[str], None]) -> list[str]:
+    """Remove the partitions whose files left the folder, as the file sensors do between syncs, so
+    the UI shows no partition for a file that is gone. Their outputs stay in the store."""
+    removed = []
+    for st in states.values():
+        if st.expected is None:
+            continue
+        gone = sorted(set(instance.get_dynamic_partitions(st.plan.partitions)) - set(st.expected))
+        for name in gone:
+            instance.delete_dynamic_partition(st.plan.partitions, name)
+        if gone:
+            removed += [f"{st.plan.label}[{name}]" for name in gone]
+            more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+            echo(f"  − {st.plan.label}: removed {len(gone)} partition(s) whose files are gone: "
+                 f"{', '.join(gone[:3])}{more}")
+    return removed
 
 
 def _execute(job, instance: DagsterInstance, keys: list[AssetKey], partition: str | None = None):

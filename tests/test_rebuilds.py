@@ -333,6 +333,17 @@ def test_new_shard_in_the_folder_is_curated_alone(session, tmp_path):
                                     "step = 'minhash') group by cluster_id")
     assert {n for (n,) in pairs} == {2}  # each cluster: the original and its copy, from two files
 
+    # the file leaves the folder: sync drops its partition (as the sensor would), and the rest is
+    # back to the outputs of the first sync
+    partitions_def = "t7__commoncrawl__files"
+    assert "new_shard.jsonl.gz" in session.instance.get_dynamic_partitions(partitions_def)
+    new.unlink()
+    report = session.sync(path)
+    assert report["removed"] == ["t7/filtered_commoncrawl[new_shard.jsonl.gz]"]
+    assert "new_shard.jsonl.gz" not in session.instance.get_dynamic_partitions(partitions_def)
+    assert "t7/curated_commoncrawl" in report["cache_hit"]
+    assert "removed" not in session.sync(path)  # nothing left to remove
+
 
 def test_automation_conditions_follow_the_recipe_policy(session):
     """The sensor's conditions: a data asset whose spec changed is requested; a manual
