@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 import yaml
 
 from tests.recipes import tiny_recipe
+from tests.support.network import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -71,16 +71,10 @@ def test_sql_reads_the_stats_database(tmp_path, env):
     assert out.returncode == 1 and "query failed" in out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ui_serves_the_asset_graph_and_stops_on_ctrl_c(tmp_path, env):
     recipe = tmp_path / "u.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe("u")))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "assets.cli", "ui", "--recipe", str(recipe), "--port", str(port)],
                             cwd=PROJECT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.support.network import free_port
 from tests.test_training import REPO, _subprocess_env, write_run
 from training import train as train_mod
 from training.distributed import World, world_from_env
@@ -171,12 +171,6 @@ def test_the_resource_reads_the_launch_from_the_environment(monkeypatch):
     assert (launch.nnodes, launch.rdzv_endpoint, launch.launcher) == (2, "10.0.0.1:29400", ("srun", "--nodes=2"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_rendezvous_and_roll_back_together_like_one_process(tmp_path, monkeypatch):
     """A Dagster asset starts training as the checkpoint asset does on two "nodes"
     (tests/support/local_nodes.py standing in for srun): they meet at a c10d rendezvous, Pipes
@@ -188,7 +182,7 @@ def test_two_nodes_rendezvous_and_roll_back_together_like_one_process(tmp_path, 
     from assets.launch import TrainLaunch
 
     launcher = f"{sys.executable} {REPO / 'tests' / 'support' / 'local_nodes.py'} 2"
-    launch = TrainLaunch.of(1, 2, f"127.0.0.1:{_free_port()}", launcher)
+    launch = TrainLaunch.of(1, 2, f"127.0.0.1:{free_port()}", launcher)
     rollback = {"checkpoint_every": 3, "on_nonfinite": "rollback", "max_rollbacks": 1}
     cfg = _config(tmp_path / "nodes", batch_size=4, **rollback)  # per rank: 2 x 4 = the global 8
     nan_call = 2 * 7 + 1  # two micro-batches per step: the first forward of step 8

@@ -150,8 +150,8 @@ def test_run_config_and_recipe_fields(tmp_path):
     with pytest.raises(ValueError, match=r"training\.keep_every must be an integer >= 0, got -2"):
         train_mod.main(["--config", str(write_run(tmp_path / "c", keep_every=-2))])
 
-    from assets.recipe import RecipeError, parse_recipe
     from assets.launch import TrainLaunch
+    from assets.recipe import RecipeError, parse_recipe
     from assets.training import training_spec, with_execution_settings
 
     run = json.loads(write_run(tmp_path / "d", on_nonfinite="rollback").read_text())

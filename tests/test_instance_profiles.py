@@ -16,7 +16,6 @@ import os
 import pwd
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from dagster._daemon.monitoring.concurrency import execute_concurrency_slots_ite
 from dagster._serdes.config_class import class_from_code_pointer
 
 from tests.recipes import tiny_recipe
+from tests.support.network import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 PROFILES = PROJECT / "profiles"
@@ -257,12 +257,6 @@ def _pg_tool(name: str) -> str | None:
     return versions[-1] if versions else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def postgres():
     """A throwaway PostgreSQL on 127.0.0.1 (password auth), as the `postgres` user when we are root."""
@@ -286,7 +280,7 @@ def postgres():
     if owner:
         for p in (root, root / "pw"):
             os.chown(p, owner.pw_uid, owner.pw_gid)
-    port = _free_port()
+    port = free_port()
     data, log = root / "data", root / "server.log"
 
     def run(*cmd: str) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import pytest
 import yaml
 
 from tests.recipes import tiny_recipe
+from tests.support.network import free_port
 
 PROJECT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -53,12 +53,6 @@ def _recipe() -> dict:
     r["evals"].update(tasks=["arc_easy"], max_items=4)
     r["contamination"] = None
     return r
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _manifest(store: Path, kind: str) -> tuple[Path, dict]:
@@ -106,7 +100,7 @@ def ui(tmp_path_factory):
                            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     ran = json.loads(built.stdout)["ran"]
-    port = _free_port()
+    port = free_port()
     log = (root / "ui.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "assets.cli", "ui", "--recipe", str(recipe), "--port", str(port)],
                             cwd=PROJECT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
